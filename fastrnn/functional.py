@@ -1,0 +1,113 @@
+"""Functional Elman RNN: one fused layer (:func:`elman`) and the layer stack behind ``fastrnn.RNN``."""
+import torch
+import torch.nn.functional as F
+
+from . import backends, reference
+from . import ops as _ops  # noqa: F401  (registers torch.ops.fastrnn.*)
+
+_NONLINEARITIES = ("tanh", "relu")
+
+
+def elman(x, h0, w_ih, w_hh, bias=None, *, lengths=None, nonlinearity="tanh", batch_first=False, backend=None):
+    """One Elman RNN layer in D directions, ``h_t = act(x_t W_ih^T + bias + h_{t-1} W_hh^T)``.
+
+    Args:
+        x: (T, B, I), or (B, T, I) if ``batch_first``.
+        h0: (D, B, H) initial state, or None for zeros.
+        w_ih: (D, H, I); w_hh: (D, H, H); bias: (D, H) (``b_ih + b_hh``) or None.
+        lengths: (B,) valid steps per sequence (right padding), or None for all T. Direction 1
+            runs each sequence backwards over its own valid steps.
+        nonlinearity: ``"tanh"`` or ``"relu"``.
+        backend: ``"auto"`` (default), ``"numba"``, ``"triton"`` or ``"torch"``; see
+            :mod:`fastrnn.backends`.
+
+    Returns:
+        output (T, B, D*H) [(B, T, D*H) if ``batch_first``], zero past each length, and
+        h_n (D, B, H), each sequence's state after its last valid step.
+    """
+    if nonlinearity not in _NONLINEARITIES:
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    if x.dim() != 3:
+        raise RuntimeError(f"input must have 3 dimensions, got {x.dim()}")
+    if batch_first:
+        x = x.transpose(0, 1)
+    seq_len, batch, _ = x.shape
+    n_dir, hidden = w_hh.shape[0], w_hh.shape[1]
+    if w_ih.shape != (n_dir, hidden, x.shape[2]) or w_hh.shape != (n_dir, hidden, hidden):
+        raise RuntimeError(
+            f"expected w_ih (D, H, I) = {(n_dir, hidden, x.shape[2])} and w_hh (D, H, H), "
+            f"got {tuple(w_ih.shape)} and {tuple(w_hh.shape)}"
+        )
+    if h0 is None:
+        h0 = x.new_zeros(n_dir, batch, hidden)
+    elif h0.shape != (n_dir, batch, hidden):
+        raise RuntimeError(f"Expected hidden size {(n_dir, batch, hidden)}, got {list(h0.shape)}")
+    if lengths is None:
+        lengths = torch.full((batch,), seq_len, dtype=torch.int64)
+    elif lengths.shape != (batch,) or (batch and (int(lengths.min()) < 0 or int(lengths.max()) > seq_len)):
+        raise ValueError(f"lengths must have shape ({batch},) with values in [0, {seq_len}]")
+    output, h_n = layer(x, h0, w_ih, w_hh, bias, lengths, nonlinearity == "relu", backends.resolve(backend, x.device, x.dtype))
+    return (output.transpose(0, 1) if batch_first else output), h_n
+
+
+def layer(x, h0, w_ih, w_hh, bias, lengths, relu, backend):
+    """Checked arguments in, one layer out: the fused custom op or the reference loop."""
+    for name, t in (("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("bias", bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise RuntimeError(
+                f"{name} is {t.dtype} on {t.device} but input is {x.dtype} on {x.device}: they must match"
+            )
+    lengths = lengths.to(device=x.device, dtype=torch.int64)
+    if backend == "torch":
+        return reference.elman(x, h0, w_ih, w_hh, bias, lengths, relu)
+    return torch.ops.fastrnn.elman_fwd(
+        x.contiguous(), h0.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
+        None if bias is None else bias.contiguous(), lengths, relu, backend,
+    )
+
+
+def packed_to_padded(data, batch_sizes):
+    """PackedSequence data (N, *) -> padded (T, B, *), lengths (B,), and the (time, row) index of
+    every packed row, in the packed (sorted) batch order. Differentiable."""
+    seq_len = batch_sizes.numel()
+    batch = int(batch_sizes[0]) if seq_len else 0
+    steps = torch.arange(seq_len)
+    time_index = steps.repeat_interleave(batch_sizes)
+    starts = torch.cumsum(batch_sizes, 0) - batch_sizes
+    row_index = torch.arange(time_index.numel()) - starts.repeat_interleave(batch_sizes)
+    lengths = (batch_sizes[None, :] > torch.arange(batch)[:, None]).sum(1)
+    index = (time_index.to(data.device), row_index.to(data.device))
+    padded = data.new_zeros(seq_len, batch, *data.shape[1:]).index_put(index, data)
+    return padded, lengths, index
+
+
+def stack(x, hx, weights, *, num_layers, bidirectional, dropout, training, relu, lengths, packed_index, backend):
+    """The multi-layer, optionally bidirectional RNN of ``torch.nn.RNN`` on padded input.
+
+    ``weights`` holds, per layer and direction, (w_ih, w_hh, b_ih, b_hh) or (w_ih, w_hh), in
+    ``nn.RNN``'s order. Dropout between layers is applied to the same tensor shape torch uses
+    (the packed data when ``packed_index`` is given), so ``torch.manual_seed`` gives torch's masks.
+    """
+    n_dir = 2 if bidirectional else 1
+    per_layer = len(weights) // num_layers
+    finals = []
+    for index in range(num_layers):
+        group = weights[index * per_layer:(index + 1) * per_layer]
+        per_dir = per_layer // n_dir
+        directions = [group[d * per_dir:(d + 1) * per_dir] for d in range(n_dir)]
+        w_ih = torch.stack([p[0] for p in directions])
+        w_hh = torch.stack([p[1] for p in directions])
+        bias = torch.stack([p[2] + p[3] for p in directions]) if per_dir == 4 else None
+        h0 = hx[index * n_dir:(index + 1) * n_dir]
+        x, h_n = layer(x, h0, w_ih, w_hh, bias, lengths, relu, backend)
+        finals.append(h_n)
+        if dropout and training and index < num_layers - 1:
+            x = _dropout_like_torch(x, dropout, packed_index)
+    return x, torch.cat(finals)
+
+
+def _dropout_like_torch(x, p, packed_index):
+    if packed_index is None:
+        return F.dropout(x, p, training=True)
+    kept = F.dropout(x[packed_index], p, training=True)
+    return torch.zeros_like(x).index_put(packed_index, kept)

@@ -1,0 +1,81 @@
+"""``fastrnn.RNN``: ``torch.nn.RNN`` with its time loop and backward pass in fused kernels."""
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import backends, functional
+
+
+class RNN(nn.RNN):
+    """Drop-in replacement for :class:`torch.nn.RNN`.
+
+    Same constructor, parameters, ``state_dict``, inputs, outputs and errors as ``torch.nn.RNN``
+    (see its documentation). One extra keyword-only argument:
+
+    Args:
+        backend: ``"auto"`` (default: Numba on CPU, Triton on CUDA), ``"numba"``, ``"triton"`` or
+            ``"torch"`` (PyTorch's own implementation). ``None`` defers to the ``FASTRNN_BACKEND``
+            environment variable. Inputs a fused backend does not cover (dtype, device) run on
+            ``torch``.
+    """
+
+    def __init__(self, *args, backend=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        backends.requested(backend)
+        self.backend = backend
+
+    def forward(self, input, hx=None):
+        backend = backends.resolve(getattr(self, "backend", None), _data(input).device, _data(input).dtype)
+        if backend == "torch":
+            return super().forward(input, hx)
+        self._update_flat_weights()
+        n_dir = 2 if self.bidirectional else 1
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            x, lengths, packed_index = functional.packed_to_padded(data, batch_sizes)
+            checked_input = data
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = packed_index = None
+            if input.dim() not in (2, 3):
+                raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+            batched = input.dim() == 3
+            if not batched:
+                input = input.unsqueeze(0 if self.batch_first else 1)
+                if hx is not None:
+                    if hx.dim() != 2:
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+                        )
+                    hx = hx.unsqueeze(1)
+            elif hx is not None and hx.dim() != 3:
+                raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+            x = input.transpose(0, 1) if self.batch_first else input
+            lengths = torch.full((x.shape[1],), x.shape[0], dtype=torch.int64)
+            checked_input = input
+        batch = x.shape[1]
+        if hx is None:
+            hx = x.new_zeros(self.num_layers * n_dir, batch, self.hidden_size)
+        else:
+            hx = self.permute_hidden(hx, sorted_indices)
+        self.check_forward_args(checked_input, hx, batch_sizes)
+
+        weights = [getattr(self, name) for name in self._flat_weights_names]
+        output, h_n = functional.stack(
+            x, hx, weights,
+            num_layers=self.num_layers, bidirectional=self.bidirectional, dropout=self.dropout,
+            training=self.training, relu=self.nonlinearity == "relu", lengths=lengths,
+            packed_index=packed_index, backend=backend,
+        )
+        if packed:
+            return PackedSequence(output[packed_index], batch_sizes, sorted_indices, unsorted_indices), \
+                self.permute_hidden(h_n, unsorted_indices)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not batched:
+            return output.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
+        return output, h_n
+
+
+def _data(input):
+    return input.data if isinstance(input, PackedSequence) else input

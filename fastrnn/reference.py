@@ -1,0 +1,43 @@
+"""The plain torch time loop that every fused kernel is checked against.
+
+Differentiable through ordinary autograd; slow, simple, and correct for any dtype and device.
+"""
+import torch
+
+
+def elman(x, h0, w_ih, w_hh, bias, lengths, relu):
+    """One layer, D directions. x (T, B, I), h0 (D, B, H), w_ih (D, H, I), w_hh (D, H, H),
+    bias (D, H) or None, lengths (B,) int64. Returns output (T, B, D*H) zero past each length,
+    and h_n (D, B, H)."""
+    seq_len, batch, _ = x.shape
+    n_dir, hidden = w_hh.shape[0], w_hh.shape[1]
+    act = torch.relu if relu else torch.tanh
+    lengths = lengths.to(x.device)
+    steps = torch.arange(seq_len, device=x.device)
+    outputs, finals = [], []
+    for d in range(n_dir):
+        proj = x @ w_ih[d].T
+        if bias is not None:
+            proj = proj + bias[d]
+        # Direction 1 walks each sequence backwards over its own valid steps.
+        order = steps if d == 0 else (lengths[None, :] - 1 - steps[:, None]).clamp(min=0)
+        h = h0[d]
+        out = [None] * seq_len
+        for step in range(seq_len):
+            valid = (step < lengths)[:, None]
+            if d == 0:
+                p = proj[step]
+            else:
+                p = proj.gather(0, order[step][None, :, None].expand(1, batch, hidden))[0]
+            h_new = act(p + h @ w_hh[d].T)
+            h = torch.where(valid, h_new, h)
+            out[step] = torch.where(valid, h_new, torch.zeros_like(h_new))
+        out = torch.stack(out) if seq_len else x.new_zeros(0, batch, hidden)
+        if d == 1 and seq_len:
+            # The step <-> time map of a reversed sequence is its own inverse.
+            valid = (steps[:, None] < lengths[None, :])[..., None]
+            undone = out.gather(0, order[..., None].expand_as(out))
+            out = torch.where(valid, undone, torch.zeros_like(undone))
+        outputs.append(out)
+        finals.append(h)
+    return torch.cat(outputs, dim=2), torch.stack(finals)

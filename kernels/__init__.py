@@ -1,0 +1,1 @@
+"""Fused Elman-RNN kernels, installed as ``fastrnn.kernels``: ``numba`` (CPU) and ``triton`` (GPU)."""

@@ -1,0 +1,176 @@
+"""Numba CPU kernels for the Elman recurrence ``h_t = act(proj_t + h_{t-1} @ W_hh^T)``.
+
+Each kernel runs the whole time loop in one call. Work is split into tasks of one direction and
+a block of batch rows; a task runs every step for its rows, so threads never synchronise inside
+the loop. The input projection and all weight gradients are GEMMs done by the caller: the
+kernels only carry the sequential part. Layouts follow CONTRACTS.md.
+"""
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+# Keeps NaN/inf semantics (no "nnan"/"ninf") while letting LLVM vectorise and contract.
+_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_JIT = dict(fastmath=_FASTMATH, nogil=True, cache=True)
+
+# Below this many multiply-adds per step a hand loop beats the fixed cost of a BLAS call.
+_HAND_LOOP_MAX_FLOPS = 32 * 1024
+
+
+@njit(**_JIT)
+def _rows_matmul(a, w, out):
+    """out = a @ w for small row blocks; a (n, K), w (K, N), all C-contiguous."""
+    n, k_dim = a.shape
+    n_out = w.shape[1]
+    if n * k_dim * n_out <= _HAND_LOOP_MAX_FLOPS:
+        for i in range(n):
+            for j in range(n_out):
+                out[i, j] = 0.0
+            for k in range(k_dim):
+                a_ik = a[i, k]
+                for j in range(n_out):
+                    out[i, j] += a_ik * w[k, j]
+    else:
+        np.dot(a, w, out)
+
+
+@njit(**_JIT)
+def _time_index(step, length, direction):
+    return step if direction == 0 else length - 1 - step
+
+
+@njit(parallel=True, **_JIT)
+def _elman_fwd_kernel(proj, w_hh_t, h0, lengths, relu, rows_per_task, out, h_n):
+    seq_len, batch, n_dir, hidden = proj.shape
+    blocks = (batch + rows_per_task - 1) // rows_per_task
+    for task in prange(n_dir * blocks):
+        d = task // blocks
+        b0 = (task - d * blocks) * rows_per_task
+        rows = min(rows_per_task, batch - b0)
+        h = np.empty((rows, hidden), proj.dtype)
+        acc = np.empty((rows, hidden), proj.dtype)
+        longest = 0
+        for i in range(rows):
+            length = lengths[b0 + i]
+            longest = max(longest, length)
+            h[i, :] = h0[d, b0 + i, :]
+            for t in range(length, seq_len):
+                out[t, b0 + i, d, :] = 0.0
+        w = w_hh_t[d]
+        for step in range(longest):
+            _rows_matmul(h, w, acc)
+            for i in range(rows):
+                b = b0 + i
+                length = lengths[b]
+                if step < length:
+                    t = _time_index(step, length, d)
+                    for j in range(hidden):
+                        z = acc[i, j] + proj[t, b, d, j]
+                        v = max(z, 0.0) if relu else math.tanh(z)
+                        h[i, j] = v
+                        out[t, b, d, j] = v
+        for i in range(rows):
+            h_n[d, b0 + i, :] = h[i, :]
+
+
+@njit(parallel=True, **_JIT)
+def _elman_bwd_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, rows_per_task, grad_pre, grad_h0):
+    seq_len, batch, n_dir, hidden = out.shape
+    blocks = (batch + rows_per_task - 1) // rows_per_task
+    for task in prange(n_dir * blocks):
+        d = task // blocks
+        b0 = (task - d * blocks) * rows_per_task
+        rows = min(rows_per_task, batch - b0)
+        dh = np.empty((rows, hidden), out.dtype)
+        dz = np.zeros((rows, hidden), out.dtype)
+        dh_prev = np.empty((rows, hidden), out.dtype)
+        longest = 0
+        for i in range(rows):
+            length = lengths[b0 + i]
+            longest = max(longest, length)
+            dh[i, :] = grad_hn[d, b0 + i, :]
+            for t in range(length, seq_len):
+                grad_pre[t, b0 + i, d, :] = 0.0
+        w = w_hh[d]
+        for step in range(longest - 1, -1, -1):
+            for i in range(rows):
+                b = b0 + i
+                length = lengths[b]
+                if step < length:
+                    t = _time_index(step, length, d)
+                    for j in range(hidden):
+                        g = grad_out[t, b, d, j] + dh[i, j]
+                        y = out[t, b, d, j]
+                        if relu:
+                            g = g if y > 0.0 else 0.0
+                        else:
+                            g = g * (1.0 - y * y)
+                        dz[i, j] = g
+                        grad_pre[t, b, d, j] = g
+            _rows_matmul(dz, w, dh_prev)
+            # Rows whose sequence has not started yet (in reverse order) keep their incoming dh.
+            for i in range(rows):
+                if step < lengths[b0 + i]:
+                    dh[i, :] = dh_prev[i, :]
+        for i in range(rows):
+            grad_h0[d, b0 + i, :] = dh[i, :]
+
+
+def _rows_per_task(batch, n_dir, threads):
+    """Enough tasks to occupy every thread, no more: each extra block re-reads W_hh per step."""
+    blocks = max(1, -(-threads // n_dir))
+    return max(1, -(-batch // blocks))
+
+
+def _threads():
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
+
+
+def _arrays(*tensors):
+    return [t.detach().numpy() for t in tensors]
+
+
+def _check(proj, w_hh, lengths, **named):
+    if proj.device.type != "cpu":
+        raise RuntimeError(f"numba kernels run on CPU tensors, got {proj.device}")
+    if proj.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"numba kernels support float32 and float64, got {proj.dtype}")
+    if proj.dim() != 4 or w_hh.shape != (proj.shape[2], proj.shape[3], proj.shape[3]):
+        raise ValueError(f"expected proj (T, B, D, H) and w_hh (D, H, H), got {tuple(proj.shape)} and {tuple(w_hh.shape)}")
+    if lengths.dtype != torch.int64 or lengths.shape != (proj.shape[1],):
+        raise ValueError(f"lengths must be int64 of shape (B,), got {lengths.dtype} {tuple(lengths.shape)}")
+    for name, t in dict(proj=proj, w_hh=w_hh, **named).items():
+        if t.dtype != proj.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected {proj.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
+
+def elman_forward(proj, w_hh, h0, lengths, relu):
+    """Run the recurrence; returns out (T, B, D, H), zero past each length, and h_n (D, B, H)."""
+    _check(proj, w_hh, lengths, h0=h0)
+    _, batch, n_dir, _ = proj.shape
+    out = torch.empty_like(proj)
+    h_n = torch.empty_like(h0)
+    rows = _rows_per_task(batch, n_dir, _threads())
+    w_hh_t = w_hh.transpose(1, 2).contiguous()
+    _elman_fwd_kernel(*_arrays(proj, w_hh_t, h0, lengths), bool(relu), rows, *_arrays(out, h_n))
+    return out, h_n
+
+
+def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu):
+    """Reverse recurrence; returns grad_pre (T, B, D, H) = dLoss/dz, and grad_h0 (D, B, H)."""
+    _check(out, w_hh, lengths, grad_out=grad_out, grad_hn=grad_hn)
+    _, batch, n_dir, _ = out.shape
+    grad_pre = torch.empty_like(out)
+    grad_h0 = torch.empty_like(grad_hn)
+    rows = _rows_per_task(batch, n_dir, _threads())
+    _elman_bwd_kernel(
+        *_arrays(grad_out, grad_hn, out, w_hh, lengths), bool(relu), rows, *_arrays(grad_pre, grad_h0)
+    )
+    return grad_pre, grad_h0

@@ -95,15 +95,20 @@ def stack(x, hx, weights, *, num_layers, bidirectional, dropout, training, relu,
         group = weights[index * per_layer:(index + 1) * per_layer]
         per_dir = per_layer // n_dir
         directions = [group[d * per_dir:(d + 1) * per_dir] for d in range(n_dir)]
-        w_ih = torch.stack([p[0] for p in directions])
-        w_hh = torch.stack([p[1] for p in directions])
-        bias = torch.stack([p[2] + p[3] for p in directions]) if per_dir == 4 else None
+        w_ih = _stack([p[0] for p in directions])
+        w_hh = _stack([p[1] for p in directions])
+        bias = _stack([p[2] + p[3] for p in directions]) if per_dir == 4 else None
         h0 = hx[index * n_dir:(index + 1) * n_dir]
         x, h_n = layer(x, h0, w_ih, w_hh, bias, lengths, relu, backend)
         finals.append(h_n)
         if dropout and training and index < num_layers - 1:
             x = _dropout_like_torch(x, dropout, packed_index)
     return x, torch.cat(finals)
+
+
+def _stack(tensors):
+    # A view for one direction: saved weights then share the parameters' storage.
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 def _dropout_like_torch(x, p, packed_index):

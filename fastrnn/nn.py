@@ -59,6 +59,8 @@ class RNN(nn.RNN):
         else:
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(checked_input, hx, batch_sizes)
+        if x.shape[0] == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         weights = [getattr(self, name) for name in self._flat_weights_names]
         output, h_n = functional.stack(
@@ -75,6 +77,21 @@ class RNN(nn.RNN):
         if not batched:
             return output.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
         return output, h_n
+
+
+def _let_dynamo_trace_rnn_subclasses():
+    # Dynamo refuses every nn.RNN instance unless allow_rnn is set; fastrnn.RNN's forward is plain
+    # traceable Python around custom ops, so compiled models would otherwise break the graph here.
+    # Set on import (fastrnn.RNN also arrives by convert() and unpickling, which skip __init__).
+    # The flag also lets Dynamo trace stock RNN/LSTM/GRU modules (experimental in torch).
+    try:
+        import torch._dynamo.config as dynamo_config
+    except ImportError:  # torch builds without Dynamo
+        return
+    dynamo_config.allow_rnn = True
+
+
+_let_dynamo_trace_rnn_subclasses()
 
 
 def _data(input):

@@ -1,0 +1,187 @@
+"""Profile fastrnn's forward+backward under ``torch.profiler``; works on CPU and CUDA.
+
+Command line (writes DIR/trace.json for Perfetto or chrome://tracing, and DIR/ops.txt)::
+
+    python -m fastrnn.profile --device cpu --T 100 --B 16 --H 128 --layers 2 --bidirectional --out DIR
+
+Every fused op runs inside a ``record_function`` label that starts with ``fastrnn::`` (the op,
+backend and directions), so the table of ops and the trace show where each layer's forward and
+backward went; each step is split into ``step/forward`` and ``step/backward``. On CUDA, ``--nvtx``
+emits NVTX ranges for Nsight Systems instead, and the command prints the ``ncu`` line that
+profiles the Triton kernels by name.
+
+In Python::
+
+    import fastrnn.profile
+
+    with fastrnn.profile.profiled("prof_out") as prof:
+        out, h_n = rnn(x)
+        out.sum().backward()
+    # prof_out/trace.json and prof_out/ops.txt are written on exit; ``prof`` is the
+    # torch.profiler.profile object (prof.key_averages() etc.).
+"""
+import argparse
+import contextlib
+import os
+import shlex
+import sys
+import time
+
+import torch
+
+LABEL = "fastrnn"
+
+
+def _sort_key(device, sort_by):
+    if sort_by:
+        return sort_by
+    return "self_cuda_time_total" if str(device).startswith("cuda") else "self_cpu_time_total"
+
+
+def ops_table(prof, device="cpu", sort_by=None, row_limit=20):
+    """``key_averages().table`` of ops and kernels, slowest first."""
+    return prof.key_averages().table(sort_by=_sort_key(device, sort_by), row_limit=row_limit)
+
+
+def fastrnn_table(prof):
+    """Only the events labelled ``fastrnn…`` (one line per op, backend and direction count)."""
+    rows = []
+    for event in prof.key_averages():
+        if LABEL not in event.key:
+            continue
+        device_us = getattr(event, "device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "cuda_time_total", 0)
+        rows.append((event.key, event.count, event.cpu_time_total / 1e3, event.self_cpu_time_total / 1e3,
+                     device_us / 1e3))
+    if not rows:
+        return "(no fastrnn-labelled events: was a fastrnn module run?)"
+    rows.sort(key=lambda r: -max(r[2], r[4]))
+    width = max(len(r[0]) for r in rows)
+    header = f"{'fastrnn label':<{width}}  {'calls':>5}  {'CPU total ms':>12}  {'self CPU ms':>11}  {'device ms':>9}"
+    lines = [header, "-" * len(header)]
+    lines += [f"{k:<{width}}  {n:>5}  {cpu:>12.3f}  {self_cpu:>11.3f}  {dev:>9.3f}" for k, n, cpu, self_cpu, dev in rows]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def profiled(out_dir=None, *, device=None, record_shapes=True, with_stack=False, sort_by=None, row_limit=20,
+             print_tables=False):
+    """Profile the ``with`` block under ``torch.profiler``; yields the profiler.
+
+    On exit (without an exception) writes ``out_dir/trace.json`` (chrome trace: open it in
+    Perfetto) and ``out_dir/ops.txt`` (the table of ops by time, then the fastrnn-labelled
+    ones), unless ``out_dir`` is None. ``device`` ("cpu"/"cuda") adds CUDA activity when CUDA;
+    by default it is added whenever CUDA is available.
+    """
+    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities, record_shapes=record_shapes, with_stack=with_stack) as prof:
+        yield prof
+        if cuda:
+            torch.cuda.synchronize()
+    text = "\n\n".join((ops_table(prof, "cuda" if cuda else "cpu", sort_by, row_limit), fastrnn_table(prof)))
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(out_dir, "trace.json"))
+        with open(os.path.join(out_dir, "ops.txt"), "w") as f:
+            f.write(text + "\n")
+    if print_tables:
+        print(text)
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m fastrnn.profile",
+                                description="Profile forward+backward of an RNN under torch.profiler.")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--T", type=int, default=100, help="sequence length (default 100)")
+    p.add_argument("--B", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--H", type=int, default=128, help="hidden size (default 128)")
+    p.add_argument("--I", type=int, default=0, help="input size (default: H)")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--bidirectional", action="store_true")
+    p.add_argument("--nonlinearity", choices=("tanh", "relu"), default="tanh")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
+    p.add_argument("--packed", action="store_true", help="PackedSequence input, lengths spread T..T/10")
+    p.add_argument("--backend", default="auto", help="fastrnn backend: auto, numba, triton or torch")
+    p.add_argument("--impl", choices=("fastrnn", "torch"), default="fastrnn",
+                   help="profile fastrnn.RNN (default) or torch.nn.RNN, for comparison")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, caches)")
+    p.add_argument("--steps", type=int, default=3, help="profiled forward+backward steps")
+    p.add_argument("--out", default=os.path.join("bench", "results", "profile"), help="output directory")
+    p.add_argument("--sort-by", help="key_averages sort key (default: self CPU, or self CUDA time on CUDA)")
+    p.add_argument("--row-limit", type=int, default=20)
+    p.add_argument("--nvtx", action="store_true",
+                   help="CUDA: emit NVTX ranges (torch.autograd.profiler.emit_nvtx) for nsys, no torch.profiler")
+    p.add_argument("--no-profiler", action="store_true", help="just run the steps (under ncu or nsys)")
+    return p
+
+
+def _ncu_command(argv, out):
+    keep, skip = [], {"--nvtx", "--no-profiler"}
+    args = iter(argv)
+    for a in args:
+        if a in skip:
+            continue
+        if a in ("--steps", "--warmup", "--out"):
+            next(args, None)
+            continue
+        keep.append(a)
+    inner = ["python", "-m", "fastrnn.profile", *keep, "--warmup", "1", "--steps", "1", "--no-profiler"]
+    report = os.path.join(out, "elman")
+    return ("ncu -k regex:_elman --launch-count 10 --set full -o " + shlex.quote(report) + " "
+            + " ".join(shlex.quote(a) for a in inner))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    from .bench import impls
+    from .bench.cases import Case
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    case = Case("profile", args.T, args.B, args.H, args.I, args.layers, args.bidirectional, args.dtype,
+                args.packed, args.nonlinearity)
+    impl = "torch" if args.impl == "torch" else f"fastrnn[{args.backend}]"
+    runner = impls.Runner.create(impl, case, device)
+    print(f"profiling {impl} {case.label} on {device}: {args.warmup} warm-up + {args.steps} steps", file=sys.stderr)
+    for _ in range(args.warmup):
+        runner.train_step()
+    if cuda:
+        torch.cuda.synchronize()
+
+    def steps():
+        for _ in range(args.steps):
+            runner.zero_grad()
+            with torch.profiler.record_function("step/forward"):
+                outputs = runner.forward()
+            with torch.profiler.record_function("step/backward"):
+                runner.backward(outputs)
+            del outputs
+        if cuda:
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    if args.no_profiler:
+        steps()
+    elif args.nvtx and cuda:
+        with torch.autograd.profiler.emit_nvtx(record_shapes=True):
+            steps()
+    else:
+        if args.nvtx:
+            print("--nvtx needs CUDA; profiling with torch.profiler instead", file=sys.stderr)
+        with profiled(args.out, device=device, sort_by=args.sort_by, row_limit=args.row_limit, print_tables=True):
+            steps()
+        print(f"\nwrote {os.path.join(args.out, 'trace.json')} (open in Perfetto) and "
+              f"{os.path.join(args.out, 'ops.txt')}")
+    print(f"{args.steps} steps in {time.perf_counter() - start:.3f} s", file=sys.stderr)
+    if cuda:
+        print("\nNsight Compute, the Triton kernels by name:\n  " + _ncu_command(argv, args.out))
+        print("Nsight Systems with NVTX ranges:\n  nsys profile -t cuda,nvtx -o "
+              + shlex.quote(os.path.join(args.out, "fastrnn")) + " python -m fastrnn.profile "
+              + " ".join(shlex.quote(a) for a in argv if a != "--nvtx") + " --nvtx")
+
+
+if __name__ == "__main__":
+    main()

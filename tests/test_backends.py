@@ -1,0 +1,51 @@
+"""Backend choice: argument > FASTRNN_BACKEND > auto, in one place."""
+import pytest
+import torch
+
+import fastrnn
+from fastrnn import backends
+from helpers import compare, twins
+
+
+def test_available_backends_lists_numba_and_torch():
+    available = fastrnn.available_backends()
+    assert "numba" in available and available[-1] == "torch"
+
+
+def test_auto_picks_numba_on_cpu_and_torch_for_half(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    cpu = torch.device("cpu")
+    assert backends.resolve(None, cpu, torch.float32) == "numba"
+    assert backends.resolve("auto", cpu, torch.float64) == "numba"
+    assert backends.resolve(None, cpu, torch.bfloat16) == "torch"
+    assert backends.resolve("numba", cpu, torch.float16) == "torch"
+
+
+def test_argument_beats_environment(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert backends.resolve(None, torch.device("cpu"), torch.float32) == "torch"
+    assert backends.resolve("numba", torch.device("cpu"), torch.float32) == "numba"
+
+
+def test_environment_is_validated(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="FASTRNN_BACKEND|unknown"):
+        backends.resolve(None, torch.device("cpu"), torch.float32)
+
+
+def test_missing_backend_named_explicitly_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(backends, "_installed", lambda name: name == "torch")
+    with pytest.raises(RuntimeError, match="pip install numba"):
+        fastrnn.RNN(3, 4, backend="numba")
+    assert backends.resolve(None, torch.device("cpu"), torch.float32) == "torch"
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_env_var_selects_what_runs(monkeypatch, backend):
+    monkeypatch.setenv(backends.ENV_VAR, backend)
+    ref, fast = twins(3, 4)
+    calls = []
+    original = backends.kernels("numba").elman_forward
+    monkeypatch.setattr(backends.kernels("numba"), "elman_forward", lambda *a: calls.append(1) or original(*a))
+    compare(ref, fast, torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True))
+    assert bool(calls) == (backend == "numba")

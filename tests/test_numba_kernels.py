@@ -1,0 +1,96 @@
+"""The Numba launchers against the plain reference loop, at the kernel contract (CONTRACTS.md)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fastrnn import reference
+from fastrnn.kernels.numba import elman as kernels
+from helpers import assert_close
+
+
+def _case(T, B, D, H, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(T, B, D, H, generator=g, dtype=dtype)
+    w_hh = torch.randn(D, H, H, generator=g, dtype=dtype) / H ** 0.5
+    h0 = torch.randn(D, B, H, generator=g, dtype=dtype)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    lengths[0] = T
+    return proj, w_hh, h0, lengths
+
+
+def _reference(proj, w_hh, h0, lengths, relu):
+    """The reference loop fed x = proj and a W_ih that selects each direction's block of it."""
+    T, B, D, H = proj.shape
+    select = torch.zeros(D, H, D * H, dtype=proj.dtype)
+    for d in range(D):
+        select[d, :, d * H:(d + 1) * H] = torch.eye(H, dtype=proj.dtype)
+    out, h_n = reference.elman(proj.reshape(T, B, D * H), h0, select, w_hh, None, lengths, relu)
+    return out.view(T, B, D, H), h_n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("T,B,D,H", [(1, 1, 1, 1), (7, 5, 2, 13), (30, 9, 2, 64), (12, 40, 1, 70)])
+def test_forward_and_backward_match_reference(dtype, relu, T, B, D, H):
+    proj, w_hh, h0, lengths = _case(T, B, D, H, dtype)
+    out, h_n = kernels.elman_forward(proj, w_hh, h0, lengths, relu)
+    leaves = [t.clone().requires_grad_() for t in (proj, h0)]
+    ref_out, ref_h_n = _reference(leaves[0], w_hh, leaves[1], lengths, relu)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5 * (1 + T / 16)
+    assert_close(out, ref_out, tol, "out")
+    assert_close(h_n, ref_h_n, tol, "h_n")
+    padded = torch.arange(T)[:, None] >= lengths[None, :]
+    assert bool((out[padded] == 0).all()), "out must be exactly zero past each length"
+
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(out.shape, generator=g, dtype=dtype)
+    grad_hn = torch.randn(h_n.shape, generator=g, dtype=dtype)
+    grad_pre, grad_h0 = kernels.elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu)
+    ref_grad_proj, ref_grad_h0 = torch.autograd.grad([ref_out, ref_h_n], leaves, [grad_out, grad_hn])
+    assert_close(grad_pre, ref_grad_proj, tol * 4, "grad_pre")
+    assert_close(grad_h0, ref_grad_h0, tol * 4, "grad_h0")
+    assert bool((grad_pre[padded] == 0).all())
+
+
+def test_rows_per_task_fills_threads_without_splitting_more():
+    assert kernels._rows_per_task(batch=1, n_dir=1, threads=2) == 1
+    assert kernels._rows_per_task(batch=64, n_dir=1, threads=2) == 32
+    assert kernels._rows_per_task(batch=64, n_dir=2, threads=2) == 64
+    assert kernels._rows_per_task(batch=5, n_dir=1, threads=4) == 2
+
+
+@pytest.mark.parametrize("bad,error", [
+    (lambda p, w, h, l: (p.float(), w, h, l), TypeError),
+    (lambda p, w, h, l: (p.half(), w.half(), h.half(), l), TypeError),
+    (lambda p, w, h, l: (p.transpose(0, 1), w, h, l), ValueError),
+    (lambda p, w, h, l: (p, w[:, :2], h, l), ValueError),
+    (lambda p, w, h, l: (p, w, h, l.int()), ValueError),
+    (lambda p, w, h, l: (p, w, h.transpose(1, 2).contiguous().transpose(1, 2), l), ValueError),
+])
+def test_launcher_rejects_bad_arguments(bad, error):
+    args = bad(*_case(4, 3, 1, 3, torch.float64))
+    with pytest.raises(error):
+        kernels.elman_forward(*args, False)
+
+
+def test_compiled_kernels_are_cached_on_disk_and_reused(tmp_path):
+    """A second process loads the kernels from the cache instead of compiling them again."""
+    script = textwrap.dedent("""
+        import torch
+        from fastrnn.kernels.numba import elman
+        p = torch.randn(3, 2, 1, 4); w = torch.randn(1, 4, 4); h = torch.zeros(1, 2, 4)
+        out, h_n = elman.elman_forward(p, w, h, torch.tensor([3, 1]), False)
+        elman.elman_backward(out, h_n, out, w, torch.tensor([3, 1]), False)
+        stats = [elman._elman_fwd_kernel.stats, elman._elman_bwd_kernel.stats]
+        print(sum(sum(s.cache_hits.values()) for s in stats), sum(sum(s.cache_misses.values()) for s in stats))
+    """)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300,
+                           capture_output=True, text=True).stdout.split() for _ in range(2)]
+    assert runs[0] == ["0", "2"], f"first process should compile both kernels, got hits/misses {runs[0]}"
+    assert runs[1] == ["2", "0"], f"second process should load both from {tmp_path}, got {runs[1]}"
+    assert list(tmp_path.rglob("*.nbi"))

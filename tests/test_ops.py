@@ -1,0 +1,134 @@
+"""The custom ops: opcheck, gradcheck, torch.compile, saved-for-backward bytes, double backward."""
+import pytest
+import torch
+
+import fastrnn
+from fastrnn import functional
+from helpers import assert_close, twins
+
+F64 = torch.float64
+
+
+def _layer_inputs(T=4, B=3, I=2, H=3, D=2, dtype=F64, bias=True, requires_grad=True):
+    g = torch.Generator().manual_seed(0)
+    make = lambda *shape: (torch.randn(*shape, generator=g, dtype=dtype) * 0.5).requires_grad_(requires_grad)  # noqa: E731
+    return make(T, B, I), make(D, B, H), make(D, H, I), make(D, H, H), make(D, H) if bias else None
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(relu, bias):
+    x, h0, w_ih, w_hh, b = _layer_inputs(bias=bias)
+    lengths = torch.tensor([4, 1, 3])
+    torch.library.opcheck(torch.ops.fastrnn.elman_fwd, (x, h0, w_ih, w_hh, b, lengths, relu, "numba"))
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("lengths", [None, [4, 2, 1]])
+@pytest.mark.parametrize("D", [1, 2])
+def test_gradcheck(nonlinearity, lengths, D):
+    x, h0, w_ih, w_hh, b = _layer_inputs(D=D)
+    if nonlinearity == "relu":  # keep pre-activations away from the kink at 0
+        x = (x.detach() + 2.0).requires_grad_()
+    lengths = None if lengths is None else torch.tensor(lengths)
+    fn = lambda *args: functional.elman(*args, lengths=lengths, nonlinearity=nonlinearity, backend="numba")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, h0, w_ih, w_hh, b))
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("D", [1, 2])
+def test_functional_matches_reference_loop(nonlinearity, D):
+    x, h0, w_ih, w_hh, b = _layer_inputs(T=9, B=4, D=D)
+    lengths = torch.tensor([9, 0, 4, 1])
+    results = []
+    for backend in ("numba", "torch"):
+        out, h_n = functional.elman(x, h0, w_ih, w_hh, b, lengths=lengths, nonlinearity=nonlinearity, backend=backend)
+        grads = torch.autograd.grad((out ** 2).sum() + (h_n * 3).sum(), (x, h0, w_ih, w_hh, b))
+        results.append((out, h_n, grads))
+    (o1, h1, g1), (o2, h2, g2) = results
+    assert_close(o1, o2, 1e-12, "output")
+    assert bool((o1[4:, 2] == 0).all()) and bool((o1[:, 1] == 0).all()), "padded steps must be zero"
+    assert_close(h1, h2, 1e-12, "h_n")
+    assert_close(h1[:, 1], h0[:, 1].detach(), 0, "zero-length sequence keeps h0")
+    for name, a, e in zip(("x", "h0", "w_ih", "w_hh", "bias"), g1, g2):
+        assert_close(a, e, 1e-11, name)
+
+
+def _seed_model(rnn_cls):
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn1 = rnn_cls(20, 64, batch_first=True)
+            self.rnn2 = rnn_cls(64, 32, batch_first=True)
+            self.fc1 = torch.nn.Linear(32, 16)
+            self.fc2 = torch.nn.Linear(16, 5)
+
+        def forward(self, x):
+            out, _ = self.rnn1(x)
+            out, _ = self.rnn2(out)
+            return self.fc2(torch.relu(self.fc1(out[:, -1, :])))
+
+    return Model()
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ref = _seed_model(torch.nn.RNN)
+    model = fastrnn.convert(_seed_model(torch.nn.RNN))
+    model.load_state_dict(ref.state_dict())
+    compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
+    x = torch.randn(4, 10, 20)
+    expected = ref(x)
+    actual = compiled(x)
+    assert_close(actual, expected, 1e-5, "compiled output")
+    actual.sum().backward()
+    expected.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, 1e-4, name)
+
+
+def _saved_bytes(module, x):
+    """Bytes of the distinct storages autograd keeps for backward (views of one storage count once)."""
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(seen.values())
+
+
+# torch's CPU path already keeps just x and the hidden states for one layer; from two layers on it
+# also keeps each layer's stacked output, which fastrnn shares with the next layer's input.
+@pytest.mark.parametrize("num_layers,bidirectional,bound", [(1, False, 1.01), (2, True, 0.8), (4, False, 0.7)])
+def test_saves_less_than_torch_for_backward(num_layers, bidirectional, bound):
+    ref, fast = twins(32, 32, num_layers=num_layers, bidirectional=bidirectional, dtype=torch.float32)
+    x = torch.randn(50, 8, 32, requires_grad=True)
+    ours, theirs = _saved_bytes(fast, x), _saved_bytes(ref, x)
+    assert 0 < ours <= theirs * bound, f"fastrnn saves {ours} B, torch {theirs} B"
+
+
+def test_double_backward_raises_a_clear_error():
+    x, h0, w_ih, w_hh, b = _layer_inputs()
+    out, _ = functional.elman(x, h0, w_ih, w_hh, b, backend="numba")
+    (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="elman_bwd"):
+        grad_x.sum().backward()
+
+
+def test_kernels_respect_torch_thread_count():
+    import numba
+
+    ref, fast = twins(4, 8, dtype=torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        fast(torch.randn(5, 6, 4))
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

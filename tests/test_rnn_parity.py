@@ -1,0 +1,175 @@
+"""fastrnn.RNN against torch.nn.RNN: outputs, h_n and every gradient, over every option."""
+import itertools
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
+
+from helpers import assert_close, compare, tolerance, twins
+
+OPTIONS = list(itertools.product(["tanh", "relu"], [True, False], [False, True], [1, 3], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("nonlinearity,bias,batch_first,num_layers,bidirectional,with_hx", OPTIONS)
+def test_every_option_float64(nonlinearity, bias, batch_first, num_layers, bidirectional, with_hx):
+    ref, fast = twins(4, 6, num_layers=num_layers, nonlinearity=nonlinearity, bias=bias,
+                      batch_first=batch_first, bidirectional=bidirectional)
+    T, B = 5, 3
+    x = torch.randn((B, T, 4) if batch_first else (T, B, 4), dtype=torch.float64, requires_grad=True)
+    hx = torch.randn(num_layers * (1 + bidirectional), B, 6, dtype=torch.float64, requires_grad=True) if with_hx else None
+    compare(ref, fast, x, hx)
+
+
+@pytest.mark.parametrize("T", [1, 15, 63, 300])
+@pytest.mark.parametrize("B,H", [(1, 1), (4, 17), (3, 130)])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_lengths_and_sizes_float32(T, B, H, bidirectional):
+    ref, fast = twins(7, H, bidirectional=bidirectional, dtype=torch.float32)
+    x = torch.randn(T, B, 7, requires_grad=True)
+    hx = torch.randn(1 + bidirectional, B, H, requires_grad=True)
+    compare(ref, fast, x, hx)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_large_hidden_uses_blas_path(nonlinearity):
+    ref, fast = twins(33, 200, num_layers=2, nonlinearity=nonlinearity, dtype=torch.float32)
+    compare(ref, fast, torch.randn(20, 9, 33, requires_grad=True))
+
+
+def test_unbatched_input():
+    ref, fast = twins(4, 5, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    compare(ref, fast, x, seq_len=6)
+    compare(ref, fast, x, torch.randn(4, 5, dtype=torch.float64, requires_grad=True), seq_len=6)
+
+
+def test_unbatched_batch_first_is_ignored():
+    ref, fast = twins(4, 5, batch_first=True)
+    compare(ref, fast, torch.randn(6, 4, dtype=torch.float64, requires_grad=True), seq_len=6)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_batch_size_zero(batch_first):
+    ref, fast = twins(4, 5, num_layers=2, bidirectional=True, batch_first=batch_first)
+    x = torch.randn((0, 3, 4) if batch_first else (3, 0, 4), dtype=torch.float64)
+    o1, h1 = ref(x)
+    o2, h2 = fast(x)
+    assert o1.shape == o2.shape and h1.shape == h2.shape
+
+
+def _packed_case(enforce_sorted, lengths=(6, 4, 4, 1, 3)):
+    if enforce_sorted:
+        lengths = sorted(lengths, reverse=True)
+    return [torch.randn(n, 4, dtype=torch.float64) for n in lengths]
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_packed_sequence(enforce_sorted, num_layers, bidirectional, with_hx):
+    ref, fast = twins(4, 5, num_layers=num_layers, bidirectional=bidirectional)
+    seqs = _packed_case(enforce_sorted)
+    hx = torch.randn(num_layers * (1 + bidirectional), len(seqs), 5, dtype=torch.float64) if with_hx else None
+    results = []
+    for module in (ref, fast):
+        leaves = [s.clone().requires_grad_() for s in seqs]
+        h = hx.clone().requires_grad_() if with_hx else None
+        packed = pack_sequence(leaves, enforce_sorted=enforce_sorted)
+        out, h_n = module(packed, h)
+        padded, lengths = pad_packed_sequence(out)
+        g = torch.Generator().manual_seed(3)
+        loss = (padded * torch.randn(padded.shape, generator=g, dtype=torch.float64)).sum() + (h_n ** 2).sum()
+        params = list(module.parameters())
+        grads = torch.autograd.grad(loss, leaves + params + ([h] if with_hx else []))
+        results.append((out, padded, lengths, h_n, grads))
+    (o1, p1, l1, h1, g1), (o2, p2, l2, h2, g2) = results
+    assert torch.equal(o1.batch_sizes, o2.batch_sizes)
+    assert torch.equal(l1, l2)
+    for a, b in ((o1.sorted_indices, o2.sorted_indices), (o1.unsorted_indices, o2.unsorted_indices)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert_close(p2, p1, 1e-10, "output")
+    assert_close(h2, h1, 1e-10, "h_n")
+    for i, (a, b) in enumerate(zip(g2, g1)):
+        assert_close(a, b, 1e-9, f"grad {i}")
+
+
+def test_packed_from_padded_batch_first():
+    ref, fast = twins(4, 5, batch_first=True, bidirectional=True)
+    x = torch.randn(3, 7, 4, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([2, 7, 5]), batch_first=True, enforce_sorted=False)
+    o1, h1 = ref(packed)
+    o2, h2 = fast(packed)
+    assert_close(o2.data, o1.data, 1e-12, "output")
+    assert_close(h2, h1, 1e-12, "h_n")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_dropout_reproduces_torch_masks(packed):
+    ref, fast = twins(4, 6, num_layers=3, dropout=0.4, bidirectional=True)
+    ref.train(), fast.train()
+    if packed:
+        seqs = _packed_case(False)
+        x = pack_sequence(seqs, enforce_sorted=False)
+        outs = []
+        for module in (ref, fast):
+            torch.manual_seed(7)
+            out, h_n = module(x)
+            outs.append((out.data, h_n))
+        assert_close(outs[1][0], outs[0][0], 1e-12, "output")
+        assert_close(outs[1][1], outs[0][1], 1e-12, "h_n")
+        return
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    # Same RNG state before each call: identical masks, so everything matches.
+    results = []
+    for module in (ref, fast):
+        torch.set_rng_state(state)
+        out, h_n = module(x)
+        grads = torch.autograd.grad(out.sum() + h_n.sum(), [x, *module.parameters()])
+        results.append((out, h_n, grads))
+    assert_close(results[1][0], results[0][0], 1e-12, "output")
+    assert_close(results[1][1], results[0][1], 1e-12, "h_n")
+    for a, b in zip(results[1][2], results[0][2]):
+        assert_close(a, b, 1e-10, "grad")
+
+
+def test_eval_mode_disables_dropout_and_backward_works():
+    ref, fast = twins(4, 6, num_layers=2, dropout=0.5)
+    ref.eval(), fast.eval()
+    compare(ref, fast, torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cpu_matches_torch_exactly(dtype):
+    ref, fast = twins(4, 6, dtype=dtype)
+    x = torch.randn(5, 3, 4, dtype=dtype)
+    try:
+        expected = ref(x)
+    except RuntimeError as error:  # this torch build has no such CPU kernel: neither may fastrnn
+        with pytest.raises(type(error)):
+            fast(x)
+        return
+    actual = fast(x)
+    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
+
+
+def test_nan_propagates_like_torch():
+    ref, fast = twins(3, 4)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    x[1, 0, 0] = float("nan")
+    o1, _ = ref(x)
+    o2, _ = fast(x)
+    assert torch.equal(o1.isnan(), o2.isnan())
+
+
+def test_inference_under_no_grad_and_tolerance_helper_is_strict():
+    ref, fast = twins(3, 4, dtype=torch.float32)
+    x = torch.randn(10, 2, 3)
+    with torch.no_grad():
+        o1, h1 = ref(x)
+        o2, h2 = fast(x)
+    assert not o2.requires_grad
+    assert_close(o2, o1, tolerance(torch.float32, 10))
+    with pytest.raises(AssertionError):
+        assert_close(o2 + 1e-3, o1, tolerance(torch.float32, 10))

@@ -34,7 +34,7 @@ def _reference(proj, w_hh, h0, lengths, relu):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("T,B,D,H", [(1, 1, 1, 1), (7, 5, 2, 13), (30, 9, 2, 64), (12, 40, 1, 70)])
+@pytest.mark.parametrize("T,B,D,H", [(1, 1, 1, 1), (7, 5, 2, 13), (30, 9, 2, 64), (12, 40, 1, 70), (5, 30, 2, 190)])
 def test_forward_and_backward_match_reference(dtype, relu, T, B, D, H):
     proj, w_hh, h0, lengths = _case(T, B, D, H, dtype)
     out, h_n = kernels.elman_forward(proj, w_hh, h0, lengths, relu)
@@ -54,6 +54,10 @@ def test_forward_and_backward_match_reference(dtype, relu, T, B, D, H):
     assert_close(grad_pre, ref_grad_proj, tol * 4, "grad_pre")
     assert_close(grad_h0, ref_grad_h0, tol * 4, "grad_h0")
     assert bool((grad_pre[padded] == 0).all())
+
+
+def test_both_kernel_paths_are_exercised_above():
+    assert not kernels._use_blas(40, 70) and kernels._use_blas(30, 190)
 
 
 def test_rows_per_task_fills_threads_without_splitting_more():

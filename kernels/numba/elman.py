@@ -15,26 +15,29 @@ from numba import njit, prange
 # Keeps NaN/inf semantics (no "nnan"/"ninf") while letting LLVM vectorise and contract.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _JIT = dict(fastmath=_FASTMATH, nogil=True, cache=True)
-
-# Below this many multiply-adds per step a hand loop beats the fixed cost of a BLAS call.
-_HAND_LOOP_MAX_FLOPS = 32 * 1024
+_BLAS_MIN_MULTIPLY_ADDS = 1 << 20
 
 
 @njit(**_JIT)
-def _rows_matmul(a, w, out):
-    """out = a @ w for small row blocks; a (n, K), w (K, N), all C-contiguous."""
+def _hand_matmul(a, w, out):
+    """out = a @ w with a loop LLVM vectorises over the contiguous output columns."""
     n, k_dim = a.shape
     n_out = w.shape[1]
-    if n * k_dim * n_out <= _HAND_LOOP_MAX_FLOPS:
-        for i in range(n):
+    for i in range(n):
+        for j in range(n_out):
+            out[i, j] = 0.0
+        for k in range(k_dim):
+            a_ik = a[i, k]
             for j in range(n_out):
-                out[i, j] = 0.0
-            for k in range(k_dim):
-                a_ik = a[i, k]
-                for j in range(n_out):
-                    out[i, j] += a_ik * w[k, j]
-    else:
+                out[i, j] += a_ik * w[k, j]
+
+
+@njit(**_JIT)
+def _matmul(a, w, out, use_blas):
+    if use_blas:
         np.dot(a, w, out)
+    else:
+        _hand_matmul(a, w, out)
 
 
 @njit(**_JIT)
@@ -42,81 +45,115 @@ def _time_index(step, length, direction):
     return step if direction == 0 else length - 1 - step
 
 
+@njit(**_JIT)
+def _fwd_task(proj, w_hh_t, h0, lengths, relu, d, b0, rows, use_blas, out, h_n):
+    """The whole forward time loop of one direction for batch rows [b0, b0 + rows)."""
+    seq_len, _, _, hidden = proj.shape
+    h = np.empty((rows, hidden), proj.dtype)
+    acc = np.empty((rows, hidden), proj.dtype)
+    longest = 0
+    for i in range(rows):
+        length = lengths[b0 + i]
+        longest = max(longest, length)
+        h[i, :] = h0[d, b0 + i, :]
+        for t in range(length, seq_len):
+            out[t, b0 + i, d, :] = 0.0
+    w = w_hh_t[d]
+    for step in range(longest):
+        _matmul(h, w, acc, use_blas)
+        for i in range(rows):
+            b = b0 + i
+            length = lengths[b]
+            if step < length:
+                t = _time_index(step, length, d)
+                for j in range(hidden):
+                    z = acc[i, j] + proj[t, b, d, j]
+                    v = max(z, 0.0) if relu else math.tanh(z)
+                    h[i, j] = v
+                    out[t, b, d, j] = v
+    for i in range(rows):
+        h_n[d, b0 + i, :] = h[i, :]
+
+
+@njit(**_JIT)
+def _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, rows, use_blas, grad_pre, grad_h0):
+    """The whole reverse-time loop of one direction for batch rows [b0, b0 + rows)."""
+    seq_len, _, _, hidden = out.shape
+    dh = np.empty((rows, hidden), out.dtype)
+    dz = np.zeros((rows, hidden), out.dtype)
+    dh_prev = np.empty((rows, hidden), out.dtype)
+    longest = 0
+    for i in range(rows):
+        length = lengths[b0 + i]
+        longest = max(longest, length)
+        dh[i, :] = grad_hn[d, b0 + i, :]
+        for t in range(length, seq_len):
+            grad_pre[t, b0 + i, d, :] = 0.0
+    w = w_hh[d]
+    for step in range(longest - 1, -1, -1):
+        for i in range(rows):
+            b = b0 + i
+            length = lengths[b]
+            if step < length:
+                t = _time_index(step, length, d)
+                for j in range(hidden):
+                    g = grad_out[t, b, d, j] + dh[i, j]
+                    y = out[t, b, d, j]
+                    if relu:
+                        g = g if y > 0.0 else 0.0
+                    else:
+                        g = g * (1.0 - y * y)
+                    dz[i, j] = g
+                    grad_pre[t, b, d, j] = g
+        _matmul(dz, w, dh_prev, use_blas)
+        # Rows whose sequence has not started yet (in reverse order) keep their incoming dh.
+        for i in range(rows):
+            if step < lengths[b0 + i]:
+                dh[i, :] = dh_prev[i, :]
+    for i in range(rows):
+        grad_h0[d, b0 + i, :] = dh[i, :]
+
+
+# Two drivers over the same task bodies. The parallel one splits rows across Numba's OpenMP
+# threads and multiplies with hand loops; the serial one gives each direction all rows and lets
+# BLAS thread the per-step GEMM. BLAS must never run inside the OpenMP region: OpenBLAS's own
+# thread pool can deadlock there.
 @njit(parallel=True, **_JIT)
 def _elman_fwd_kernel(proj, w_hh_t, h0, lengths, relu, rows_per_task, out, h_n):
-    seq_len, batch, n_dir, hidden = proj.shape
+    batch, n_dir = proj.shape[1], proj.shape[2]
     blocks = (batch + rows_per_task - 1) // rows_per_task
     for task in prange(n_dir * blocks):
         d = task // blocks
         b0 = (task - d * blocks) * rows_per_task
-        rows = min(rows_per_task, batch - b0)
-        h = np.empty((rows, hidden), proj.dtype)
-        acc = np.empty((rows, hidden), proj.dtype)
-        longest = 0
-        for i in range(rows):
-            length = lengths[b0 + i]
-            longest = max(longest, length)
-            h[i, :] = h0[d, b0 + i, :]
-            for t in range(length, seq_len):
-                out[t, b0 + i, d, :] = 0.0
-        w = w_hh_t[d]
-        for step in range(longest):
-            _rows_matmul(h, w, acc)
-            for i in range(rows):
-                b = b0 + i
-                length = lengths[b]
-                if step < length:
-                    t = _time_index(step, length, d)
-                    for j in range(hidden):
-                        z = acc[i, j] + proj[t, b, d, j]
-                        v = max(z, 0.0) if relu else math.tanh(z)
-                        h[i, j] = v
-                        out[t, b, d, j] = v
-        for i in range(rows):
-            h_n[d, b0 + i, :] = h[i, :]
+        _fwd_task(proj, w_hh_t, h0, lengths, relu, d, b0, min(rows_per_task, batch - b0), False, out, h_n)
+
+
+@njit(**_JIT)
+def _elman_fwd_blas_kernel(proj, w_hh_t, h0, lengths, relu, out, h_n):
+    for d in range(proj.shape[2]):
+        _fwd_task(proj, w_hh_t, h0, lengths, relu, d, 0, proj.shape[1], True, out, h_n)
 
 
 @njit(parallel=True, **_JIT)
 def _elman_bwd_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, rows_per_task, grad_pre, grad_h0):
-    seq_len, batch, n_dir, hidden = out.shape
+    batch, n_dir = out.shape[1], out.shape[2]
     blocks = (batch + rows_per_task - 1) // rows_per_task
     for task in prange(n_dir * blocks):
         d = task // blocks
         b0 = (task - d * blocks) * rows_per_task
-        rows = min(rows_per_task, batch - b0)
-        dh = np.empty((rows, hidden), out.dtype)
-        dz = np.zeros((rows, hidden), out.dtype)
-        dh_prev = np.empty((rows, hidden), out.dtype)
-        longest = 0
-        for i in range(rows):
-            length = lengths[b0 + i]
-            longest = max(longest, length)
-            dh[i, :] = grad_hn[d, b0 + i, :]
-            for t in range(length, seq_len):
-                grad_pre[t, b0 + i, d, :] = 0.0
-        w = w_hh[d]
-        for step in range(longest - 1, -1, -1):
-            for i in range(rows):
-                b = b0 + i
-                length = lengths[b]
-                if step < length:
-                    t = _time_index(step, length, d)
-                    for j in range(hidden):
-                        g = grad_out[t, b, d, j] + dh[i, j]
-                        y = out[t, b, d, j]
-                        if relu:
-                            g = g if y > 0.0 else 0.0
-                        else:
-                            g = g * (1.0 - y * y)
-                        dz[i, j] = g
-                        grad_pre[t, b, d, j] = g
-            _rows_matmul(dz, w, dh_prev)
-            # Rows whose sequence has not started yet (in reverse order) keep their incoming dh.
-            for i in range(rows):
-                if step < lengths[b0 + i]:
-                    dh[i, :] = dh_prev[i, :]
-        for i in range(rows):
-            grad_h0[d, b0 + i, :] = dh[i, :]
+        _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, min(rows_per_task, batch - b0), False,
+                  grad_pre, grad_h0)
+
+
+@njit(**_JIT)
+def _elman_bwd_blas_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, grad_pre, grad_h0):
+    for d in range(out.shape[2]):
+        _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, 0, out.shape[1], True, grad_pre, grad_h0)
+
+
+def _use_blas(batch, hidden):
+    """Large per-step products go to BLAS; below this a hand loop beats its fixed call cost."""
+    return batch * hidden * hidden >= _BLAS_MIN_MULTIPLY_ADDS
 
 
 def _rows_per_task(batch, n_dir, threads):
@@ -157,9 +194,12 @@ def elman_forward(proj, w_hh, h0, lengths, relu):
     _, batch, n_dir, _ = proj.shape
     out = torch.empty_like(proj)
     h_n = torch.empty_like(h0)
-    rows = _rows_per_task(batch, n_dir, _threads())
     w_hh_t = w_hh.transpose(1, 2).contiguous()
-    _elman_fwd_kernel(*_arrays(proj, w_hh_t, h0, lengths), bool(relu), rows, *_arrays(out, h_n))
+    inputs, outputs = _arrays(proj, w_hh_t, h0, lengths), _arrays(out, h_n)
+    if _use_blas(batch, proj.shape[3]):
+        _elman_fwd_blas_kernel(*inputs, bool(relu), *outputs)
+    else:
+        _elman_fwd_kernel(*inputs, bool(relu), _rows_per_task(batch, n_dir, _threads()), *outputs)
     return out, h_n
 
 
@@ -169,8 +209,9 @@ def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu):
     _, batch, n_dir, _ = out.shape
     grad_pre = torch.empty_like(out)
     grad_h0 = torch.empty_like(grad_hn)
-    rows = _rows_per_task(batch, n_dir, _threads())
-    _elman_bwd_kernel(
-        *_arrays(grad_out, grad_hn, out, w_hh, lengths), bool(relu), rows, *_arrays(grad_pre, grad_h0)
-    )
+    inputs, outputs = _arrays(grad_out, grad_hn, out, w_hh, lengths), _arrays(grad_pre, grad_h0)
+    if _use_blas(batch, out.shape[3]):
+        _elman_bwd_blas_kernel(*inputs, bool(relu), *outputs)
+    else:
+        _elman_bwd_kernel(*inputs, bool(relu), _rows_per_task(batch, n_dir, _threads()), *outputs)
     return grad_pre, grad_h0

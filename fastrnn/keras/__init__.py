@@ -1,0 +1,23 @@
+"""Keras 3 front end: ``fastrnn.keras.SimpleRNN`` runs the fused Elman kernels on the torch backend.
+
+Install with ``pip install "fastrnn[keras]"`` and set ``KERAS_BACKEND=torch``. Importing ``fastrnn``
+alone never imports Keras; importing this module does.
+"""
+
+try:
+    import keras
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "fastrnn.keras needs Keras 3; install it with: pip install 'fastrnn[keras]'"
+    ) from exc
+
+if int(keras.version().split(".")[0]) != 3:  # pragma: no cover
+    raise ImportError(
+        f"fastrnn.keras supports Keras 3.x (it overrides the internal RNN.inner_loop); "
+        f"found keras {keras.version()}"
+    )
+
+from fastrnn.keras.convert import convert
+from fastrnn.keras.layers import SimpleRNN
+
+__all__ = ["SimpleRNN", "convert"]

@@ -1,0 +1,69 @@
+import keras
+
+from fastrnn.keras.layers import SimpleRNN
+
+
+def convert(model):
+    """Copy of a Sequential or Functional ``model`` with every stock ``keras.layers.SimpleRNN``
+    replaced by ``fastrnn.keras.SimpleRNN``, weights (and dropout seed states) kept.
+
+    Layers inside wrappers (``Bidirectional``, ``TimeDistributed``, ...) and nested models are
+    converted too; subclasses of the stock layer are left alone. The copy is built but not
+    compiled: call ``compile`` on it. Subclassed models cannot be cloned by Keras; build those with
+    ``fastrnn.keras.SimpleRNN`` directly.
+    """
+    if not _is_graph_model(model):
+        raise TypeError(
+            "fastrnn.keras.convert takes a Sequential or Functional keras model; got "
+            f"{type(model).__name__}. Use fastrnn.keras.SimpleRNN in subclassed models directly."
+        )
+    # Nested models reach _clone_layer whole and are rebuilt from their rewritten config, at any
+    # depth (clone_model's own `recursive` is newer than Keras 3.3 and was one level deep for a while).
+    converted = keras.models.clone_model(model, clone_function=_clone_layer)
+    # All variables, not just weights: the seed-generator states too (SimpleRNN's config drops
+    # `seed`), so the copy draws the same dropout masks as the original would.
+    old, new = model.variables, converted.variables
+    if len(old) == len(new) and all(o.shape == n.shape and o.dtype == n.dtype for o, n in zip(old, new)):
+        for o, n in zip(old, new):
+            n.assign(o)
+    else:
+        converted.set_weights(model.get_weights())
+    return converted
+
+
+def _is_graph_model(model):
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (keras.Sequential, Functional))
+
+
+def _clone_layer(layer):
+    # The stock config drops the dropout seed; without it the copy would draw its masks from
+    # torch's global RNG instead of the layer's seed generator.
+    subs = layer._flatten_layers(include_self=True) if isinstance(layer, keras.layers.Layer) else []
+    seeds = {sub.name: sub.cell.seed for sub in subs if type(sub) is keras.layers.SimpleRNN}
+    if not seeds:
+        return layer.__class__.from_config(layer.get_config())  # clone_model's default
+    config = _swap_simple_rnn(keras.saving.serialize_keras_object(layer), seeds)
+    return keras.saving.deserialize_keras_object(config)
+
+
+def _swap_simple_rnn(config, seeds):
+    """``config`` with each stock SimpleRNN entry pointing at ours (and given its seed back)."""
+    if isinstance(config, list):
+        return [_swap_simple_rnn(c, seeds) for c in config]
+    if not isinstance(config, dict):
+        return config
+    if (
+        config.get("module") == "keras.layers"
+        and config.get("class_name") == "SimpleRNN"
+        and not config.get("registered_name")
+    ):
+        name = config["config"].get("name")
+        return {
+            **config,
+            "module": SimpleRNN.__module__,
+            "registered_name": keras.saving.get_registered_name(SimpleRNN),
+            "config": {**config["config"], "seed": seeds.get(name)},
+        }
+    return {k: _swap_simple_rnn(v, seeds) for k, v in config.items()}

@@ -49,3 +49,22 @@ def test_env_var_selects_what_runs(monkeypatch, backend):
     monkeypatch.setattr(backends.kernels("numba"), "elman_forward", lambda *a: calls.append(1) or original(*a))
     compare(ref, fast, torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True))
     assert bool(calls) == (backend == "numba")
+
+
+@pytest.mark.skipif("triton" not in fastrnn.available_backends(), reason="triton not installed")
+@pytest.mark.parametrize("packed", [False, True])
+def test_triton_backend_end_to_end_through_the_module(packed):
+    """Under TRITON_INTERPRET=1 (no GPU) the Triton kernels run on CPU tensors."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    ref = torch.nn.RNN(4, 6, num_layers=2, bidirectional=True).to(device)
+    fast = fastrnn.RNN(4, 6, num_layers=2, bidirectional=True, backend="triton").to(device)
+    fast.load_state_dict(ref.state_dict())
+    if not packed:
+        with torch.backends.cudnn.flags(enabled=False):
+            compare(ref, fast, torch.randn(5, 3, 4, device=device, requires_grad=True))
+        return
+    seqs = [torch.randn(n, 4, device=device) for n in (5, 2, 3)]
+    x = torch.nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
+    (o1, h1), (o2, h2) = ref(x), fast(x)
+    assert torch.allclose(o1.data, o2.data, atol=1e-5) and torch.allclose(h1, h2, atol=1e-5)

@@ -56,8 +56,9 @@ def test_forward_and_backward_match_reference(dtype, relu, T, B, D, H):
     assert bool((grad_pre[padded] == 0).all())
 
 
-def test_both_kernel_paths_are_exercised_above():
-    assert not kernels._use_blas(40, 70) and kernels._use_blas(30, 190)
+def test_every_driver_is_exercised_above():
+    plans = {kernels._plan(B, D, H) for B, D, H in [(1, 1, 1), (5, 2, 13), (30, 2, 190)]}
+    assert plans == {(False, None), (False, kernels._rows_per_task(5, 2, kernels._threads())), (True, None)}
 
 
 def test_rows_per_task_fills_threads_without_splitting_more():

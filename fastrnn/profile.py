@@ -60,7 +60,7 @@ def fastrnn_table(prof):
     width = max(len(r[0]) for r in rows)
     header = f"{'fastrnn label':<{width}}  {'calls':>5}  {'CPU total ms':>12}  {'self CPU ms':>11}  {'device ms':>9}"
     lines = [header, "-" * len(header)]
-    lines += [f"{k:<{width}}  {n:>5}  {cpu:>12.3f}  {self_cpu:>11.3f}  {dev:>9.3f}" for k, n, cpu, self_cpu, dev in rows]
+    lines += [f"{key:<{width}}  {n:>5}  {cpu:>12.3f}  {own:>11.3f}  {dev:>9.3f}" for key, n, cpu, own, dev in rows]
     return "\n".join(lines)
 
 

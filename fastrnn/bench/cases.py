@@ -1,0 +1,194 @@
+"""The benchmark grid, written down once, and the FLOP model behind GFLOP/s.
+
+Every grid is a list of :class:`Case`; the report CLI and the pytest-benchmark suite both read it.
+"""
+import dataclasses
+import math
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHORT_DTYPE = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16"}
+
+# (T, B, H), one layer, input size H, tanh: the training-step grid. It holds PyTorch's fastrnns
+# default (100, 64, 512), DeepSpeech2's plain RNN (300, 20, 800) and latency-bound B=1 shapes.
+TRAIN_SHAPES = (
+    (100, 1, 64), (100, 1, 256), (100, 16, 128), (512, 8, 128),
+    (100, 32, 256), (100, 64, 512), (300, 20, 800), (100, 256, 1024),
+)
+# Torch takes ~2 s per fwd+bwd on 2 CPU cores: run it, but with few repeats.
+SLOW_SHAPES = {(100, 256, 1024)}
+# Speedup against hidden size, a line per batch size (T = 100); shapes already in TRAIN_SHAPES are reused.
+SWEEP_T, SWEEP_B, SWEEP_H = 100, (1, 16, 64), (64, 128, 256, 512)
+FULL_SWEEP_B, FULL_SWEEP_H = (1, 8, 16, 64, 256), (32, 64, 128, 256, 512, 1024)
+LONG_SHAPES = ((1000, 8, 128), (2000, 1, 256))
+# (layers, bidirectional) on one shape.
+STACK_SHAPE, STACKS = (100, 32, 256), ((2, False), (1, True), (2, True))
+PACKED_SHAPE = (200, 32, 256)
+FLOAT64_SHAPES = ((100, 16, 128), (100, 64, 512))
+HALF_SHAPES = ((100, 64, 512), (300, 20, 800), (100, 256, 1024))
+# A big GEMM at the run's dtype measures the machine's attainable peak.
+GEMM_N = {"tiny": 512, "quick": 1024, "default": 2048, "full": 2048}
+
+GRIDS = ("tiny", "quick", "default", "full")
+DTYPE_SECTIONS = ("float64", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark shape. ``section`` decides where it lands in the report."""
+
+    section: str
+    T: int
+    B: int
+    H: int
+    I: int = 0  # 0: input size = H
+    layers: int = 1
+    bidirectional: bool = False
+    dtype: str = "float32"
+    packed: bool = False  # PackedSequence input whose lengths spread from T down to T/10
+    nonlinearity: str = "tanh"
+    inference: bool = True  # also time a forward under no_grad
+    few_repeats: bool = False
+
+    @property
+    def input_size(self):
+        return self.I or self.H
+
+    @property
+    def directions(self):
+        return 2 if self.bidirectional else 1
+
+    @property
+    def shape(self):
+        return f"T={self.T} B={self.B} H={self.H}" + (f" I={self.I}" if self.I and self.I != self.H else "")
+
+    @property
+    def label(self):
+        parts = [self.shape]
+        if self.layers > 1:
+            parts.append(f"L={self.layers}")
+        if self.bidirectional:
+            parts.append("bi")
+        parts.append("packed" if self.packed else "")
+        if self.nonlinearity != "tanh":
+            parts.append(self.nonlinearity)
+        parts.append(SHORT_DTYPE[self.dtype])
+        return " ".join(p for p in parts if p)
+
+    def lengths(self):
+        """Sequence lengths, longest first: spread evenly from T down to max(1, T // 10)."""
+        if not self.packed:
+            return [self.T] * self.B
+        shortest = max(1, self.T // 10)
+        if self.B == 1:
+            return [self.T]
+        return [round(self.T - (self.T - shortest) * b / (self.B - 1)) for b in range(self.B)]
+
+    @property
+    def tokens(self):
+        """Time steps actually processed: T * B padded, the sum of lengths packed."""
+        return sum(self.lengths())
+
+    def forward_flops(self):
+        """2 * tokens * H * (I_layer + H) per layer and direction; the pointwise part is ignored."""
+        flops = 0
+        for layer in range(self.layers):
+            layer_in = self.input_size if layer == 0 else self.H * self.directions
+            flops += self.directions * 2 * self.tokens * self.H * (layer_in + self.H)
+        return flops
+
+    def flops(self, mode):
+        """FLOPs of one call: backward counts as twice the forward."""
+        return {"forward": 1, "inference": 1, "backward": 2, "train": 3}[mode] * self.forward_flops()
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+    def key(self):
+        """What makes two cases the same measurement (everything but the section)."""
+        return dataclasses.replace(self, section="", inference=True, few_repeats=False)
+
+    def smaller(self, T):
+        """The same case at another sequence length (used to warm kernels up cheaply)."""
+        return dataclasses.replace(self, T=T, packed=False)
+
+
+def _train(shapes, section="main", **kw):
+    return [Case(section, T, B, H, few_repeats=(T, B, H) in SLOW_SHAPES, **kw) for T, B, H in shapes]
+
+
+def grid(name="default", device="cpu", dtypes=None):
+    """The cases of one grid (``tiny``, ``quick``, ``default``, ``full``) on ``device``.
+
+    ``dtypes`` (names) keeps only those dtypes; the main sections then run in the first one.
+    """
+    if name not in GRIDS:
+        raise ValueError(f"unknown grid {name!r}; choose from {', '.join(GRIDS)}")
+    cuda = torch.device(device).type == "cuda"
+    if name == "tiny":
+        cases = [
+            Case("main", 12, 3, 8), Case("layers", 12, 3, 8, layers=2, bidirectional=True),
+            Case("packed", 12, 3, 8, packed=True), Case("float64", 12, 3, 8, dtype="float64"),
+        ]
+    elif name == "quick":
+        cases = _train(((100, 1, 64), (100, 16, 128), (100, 64, 512)))
+        cases += [
+            Case("sweep", 100, 16, 256),
+            Case("layers", 100, 16, 128, layers=2, bidirectional=True),
+            Case("packed", 100, 16, 128, packed=True), Case("padded", 100, 16, 128),
+            Case("float64", 100, 16, 128, dtype="float64"),
+        ]
+    else:
+        full = name == "full"
+        main = TRAIN_SHAPES + (((100, 512, 1024), (100, 64, 2048)) if cuda else ())
+        cases = _train(main)
+        sweep_b, sweep_h = (FULL_SWEEP_B, FULL_SWEEP_H) if full else (SWEEP_B, SWEEP_H)
+        cases += [Case("sweep", SWEEP_T, B, H, inference=full) for B in sweep_b for H in sweep_h]
+        cases += [Case("long", T, B, H) for T, B, H in LONG_SHAPES]
+        T, B, H = STACK_SHAPE
+        stacks = STACKS + (((3, True),) if full else ())
+        cases += [Case("layers", T, B, H, layers=L, bidirectional=bi) for L, bi in stacks]
+        T, B, H = PACKED_SHAPE
+        cases += [Case("packed", T, B, H, packed=True), Case("padded", T, B, H)]
+        if full:
+            cases += [Case("packed", T, B, H, layers=2, bidirectional=True, packed=True),
+                      Case("padded", T, B, H, layers=2, bidirectional=True)]
+            cases += [Case("relu", 100, 64, 512, nonlinearity="relu")]
+        if cuda:
+            extra = HALF_SHAPES if full else HALF_SHAPES[:2]
+            cases += [Case(d, T, B, H, dtype=d) for d in ("bfloat16", "float16") for T, B, H in extra]
+        else:
+            extra = tuple(TRAIN_SHAPES) if full else FLOAT64_SHAPES
+            cases += [Case("float64", T, B, H, dtype="float64", few_repeats=(T, B, H) in SLOW_SHAPES)
+                      for T, B, H in extra]
+    if dtypes:
+        cases = [
+            case if case.section in DTYPE_SECTIONS else dataclasses.replace(case, dtype=dtypes[0])
+            for case in cases
+            if case.section not in DTYPE_SECTIONS or case.dtype in dtypes
+        ]
+    # One measurement per configuration; the report finds a shape whatever section it came from.
+    kept, seen = [], set()
+    for case in cases:
+        key = case.key()
+        if key not in seen:
+            seen.add(key)
+            kept.append(case)
+    return kept
+
+
+def memory_cases(name="default"):
+    """The few cases whose peak resident memory is measured, each in its own subprocess."""
+    if name == "tiny":
+        return [Case("memory", 12, 3, 8)]
+    if name == "quick":
+        return [Case("memory", 100, 64, 512)]
+    return [Case("memory", 100, 64, 512), Case("memory", 300, 20, 800), Case("memory", 1000, 8, 128)]
+
+
+def geomean(values):
+    values = [v for v in values if v and v > 0 and math.isfinite(v)]
+    if not values:
+        return float("nan")
+    return math.exp(sum(math.log(v) for v in values) / len(values))

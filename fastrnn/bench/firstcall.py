@@ -1,0 +1,72 @@
+"""First-call latency: a fresh interpreter imports torch, then fastrnn, builds a small RNN and
+runs forward+backward twice. Interpreter start-up is not counted; import, first call (which
+includes any JIT compilation or cache load) and second call are reported separately.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+# Runs with ``python -c``, so that importing fastrnn is timed rather than done before the clock starts.
+_SCRIPT = r"""
+import json, sys, time
+impl, device, (T, B, H) = sys.argv[1], sys.argv[2], map(int, sys.argv[3:6])
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+backend = impl[len("fastrnn["):-1] if impl.startswith("fastrnn[") else None
+if backend:
+    import fastrnn
+t2 = time.perf_counter()
+torch.manual_seed(0)
+if backend:
+    rnn = fastrnn.RNN(H, H, backend=backend)
+else:
+    rnn = torch.nn.RNN(H, H)
+rnn = rnn.to(device)
+x = torch.randn(T, B, H, device=device, requires_grad=True)
+sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+sync()  # CUDA context creation is not fastrnn's first call
+times = []
+for _ in range(2):
+    t = time.perf_counter()
+    out, h_n = rnn(x)
+    (out.sum() + h_n.sum()).backward()
+    sync()
+    times.append(time.perf_counter() - t)
+print(json.dumps({"import_torch_s": t1 - t0, "import_fastrnn_s": t2 - t1,
+                  "first_call_s": times[0], "second_call_s": times[1]}))
+"""
+
+SHAPE = (100, 16, 128)  # (T, B, H)
+
+
+def first_call(impl, device="cpu", shape=SHAPE, cold_cache=False, timeout=600):
+    """Time ``impl``'s first forward+backward in a fresh process.
+
+    ``cold_cache`` points Numba's and Triton's on-disk caches at an empty directory, so the
+    first call includes compiling the kernels (what a fresh install sees).
+    """
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory(prefix="fastrnn-cold-cache-") as cache:
+        if cold_cache:
+            env["NUMBA_CACHE_DIR"] = env["TRITON_CACHE_DIR"] = cache
+        cmd = [sys.executable, "-c", _SCRIPT, impl, device, *map(str, shape)]
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return {"impl": impl, "cold_cache": cold_cache, "error": f"timed out after {timeout} s"}
+        wall = time.perf_counter() - start
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"impl": impl, "cold_cache": cold_cache, "error": error}
+    row = {"impl": impl, "device": device, "cold_cache": cold_cache, "T": shape[0], "B": shape[1], "H": shape[2]}
+    row.update(json.loads(lines[-1]))
+    row["process_wall_s"] = wall
+    return row

@@ -1,0 +1,133 @@
+"""What is being compared: ``torch.nn.RNN``, an optional ``torch.compile`` of it, and
+``fastrnn.RNN`` on each available backend, all with the same weights and inputs.
+
+A :class:`Runner` owns one module and its inputs and exposes the three calls the timers need:
+``forward()``, ``backward(outputs)`` and ``infer()``.
+"""
+import dataclasses
+
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+from .cases import DTYPES
+
+TORCH = "torch"
+COMPILE = "torch.compile"
+
+
+def fastrnn_backends(device="cpu"):
+    """fastrnn's fused backends usable on ``device`` (its ``torch`` backend is the baseline itself)."""
+    try:
+        import fastrnn
+    except ImportError:
+        return []
+    device = torch.device(device)
+    usable = [b for b in fastrnn.available_backends() if b != "torch"]
+    return [b for b in usable if (b == "numba") == (device.type == "cpu")]
+
+
+def impl_names(device="cpu", backends=None, compile=False):
+    """``torch`` first (the baseline), then ``torch.compile`` if asked, then ``fastrnn[<backend>]``."""
+    if backends is None:
+        backends = fastrnn_backends(device)
+    names = [TORCH] + ([COMPILE] if compile else [])
+    return names + [f"fastrnn[{b}]" for b in backends]
+
+
+def backend_of(impl):
+    return impl[len("fastrnn["):-1] if impl.startswith("fastrnn[") else None
+
+
+def reference_module(case, device, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.RNN(
+        case.input_size, case.H, num_layers=case.layers, nonlinearity=case.nonlinearity,
+        bidirectional=case.bidirectional, device=device, dtype=DTYPES[case.dtype],
+    )
+
+
+def build(impl, case, device, reference=None):
+    """A module for ``impl`` holding the same weights as ``reference`` (built if not given)."""
+    reference = reference if reference is not None else reference_module(case, device)
+    if impl in (TORCH, COMPILE):
+        module = reference_module(case, device)
+        module.load_state_dict(reference.state_dict())
+        if impl == COMPILE:
+            # nn.RNN.forward is one code object for every instance: reset so that each case gets
+            # its own graph instead of hitting the recompile limit and silently running eagerly.
+            torch._dynamo.reset()
+            module = torch.compile(module, dynamic=False)
+        return module
+    backend = backend_of(impl)
+    if backend is None:
+        raise ValueError(f"unknown implementation {impl!r}")
+    import fastrnn
+
+    module = fastrnn.RNN(
+        case.input_size, case.H, num_layers=case.layers, nonlinearity=case.nonlinearity,
+        bidirectional=case.bidirectional, device=device, dtype=DTYPES[case.dtype], backend=backend,
+    )
+    module.load_state_dict(reference.state_dict())
+    return module
+
+
+def make_inputs(case, device, seed=1):
+    """x (T, B, I) [as a PackedSequence when the case is packed], a leaf that requires grad."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.T, case.B, case.input_size, generator=gen, dtype=torch.float32)
+    x = x.to(device=device, dtype=DTYPES[case.dtype])
+    if case.packed:
+        packed = pack_padded_sequence(x, torch.tensor(case.lengths()), enforce_sorted=False)
+        return packed._replace(data=packed.data.detach().requires_grad_())
+    return x.requires_grad_()
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+@dataclasses.dataclass
+class Runner:
+    """One implementation on one case: module, inputs, fixed upstream gradients."""
+
+    impl: str
+    case: object
+    device: str
+    module: torch.nn.Module
+    x: object
+    grads: tuple = ()
+
+    @classmethod
+    def create(cls, impl, case, device, reference=None):
+        module = build(impl, case, device, reference)
+        rows = case.tokens if case.packed else (case.T, case.B)
+        shapes = ((*([rows] if case.packed else rows), case.directions * case.H),
+                  (case.layers * case.directions, case.B, case.H))
+        gen = torch.Generator().manual_seed(2)
+        grads = tuple(torch.randn(s, generator=gen).to(device=device, dtype=DTYPES[case.dtype]) for s in shapes)
+        return cls(impl, case, device, module, make_inputs(case, device), grads)
+
+    @property
+    def sync(self):
+        return _sync(self.device)
+
+    def forward(self):
+        out, h_n = self.module(self.x)
+        return (out.data if isinstance(out, PackedSequence) else out), h_n
+
+    def backward(self, outputs):
+        torch.autograd.backward(outputs, self.grads)
+
+    def zero_grad(self):
+        self.module.zero_grad(set_to_none=True)
+        (self.x.data if isinstance(self.x, PackedSequence) else self.x).grad = None
+
+    def infer(self):
+        with torch.no_grad():
+            return self.module(self.x)
+
+    def train_step(self):
+        self.zero_grad()
+        self.backward(self.forward())

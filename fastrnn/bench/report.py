@@ -1,0 +1,304 @@
+"""results.json and report.md from the rows a run measured (no measuring here)."""
+import json
+import math
+import os
+
+from .cases import geomean
+
+
+
+def write_json(results, path):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=False, default=str)
+        f.write("\n")
+
+
+def fmt_ms(ms):
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
+def _ms(row, prefix=""):
+    if f"{prefix}ms_median" not in row:
+        return "—"
+    return f"{fmt_ms(row[prefix + 'ms_median'])} ({fmt_ms(row[prefix + 'ms_min'])})"
+
+
+def _num(value, fmt="{:.3g}"):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return fmt.format(value)
+
+
+def _tokens(value):
+    if value is None:
+        return "—"
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def _bytes(n):
+    if n is None:
+        return "—"
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{sign}{n / scale:.3g} {unit}"
+    return f"{sign}{n} B"
+
+
+def _speedup(row):
+    if row["impl"] == "torch":
+        return "1"
+    if row.get("speedup") is None:
+        return "—"
+    return f"**×{row['speedup']:.2f}** (×{row['speedup_min']:.2f})"
+
+
+def _table(header, lines):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def _rows(results, mode, sections=None, dtype=None):
+    return [
+        r for r in results["rows"]
+        if r["mode"] == mode and (sections is None or r["section"] in sections)
+        and (dtype is None or r["dtype"] == dtype)
+    ]
+
+
+def _error_line(row):
+    return [row["label"], row["impl"], f"error: {row['error']}"] + ["—"] * 3
+
+
+def _geomean_line(rows, what):
+    parts = []
+    for impl in sorted({r["impl"] for r in rows if r["impl"] != "torch"}):
+        mine = [r for r in rows if r["impl"] == impl and r.get("speedup")]
+        if mine:
+            med = geomean(r["speedup"] for r in mine)
+            low = geomean(r["speedup_min"] for r in mine)
+            parts.append(f"{impl} **×{med:.2f}** by median (×{low:.2f} by min) over {len(mine)} shapes")
+    return f"Geometric mean speedup against torch.nn.RNN, {what}: " + "; ".join(parts) + "." if parts else ""
+
+
+def _train_table(rows, with_peak=True):
+    if not rows:
+        return ""
+    header = ["shape", "impl", "ms median (min)", "fwd / bwd ms", "tokens/s", "GFLOP/s"]
+    header += (["% GEMM peak"] if with_peak else []) + ["× torch median (min)", "saved for bwd"]
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(_error_line(r))
+            continue
+        line = [r["label"], r["impl"], _ms(r), f"{fmt_ms(r['fwd_ms_median'])} / {fmt_ms(r['bwd_ms_median'])}",
+                _tokens(r["tokens_per_s"]), _num(r["gflops"])]
+        line += ([_num(100 * r["peak_share"], "{:.1f}%") if r.get("peak_share") else "—"] if with_peak else [])
+        line += [_speedup(r), _bytes(r.get("saved_bytes"))]
+        lines.append(line)
+    return _table(header, lines)
+
+
+def _inference_table(rows):
+    if not rows:
+        return ""
+    header = ["shape", "impl", "ms median (min)", "tokens/s", "GFLOP/s", "× torch median (min)"]
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(_error_line(r))
+            continue
+        lines.append([r["label"], r["impl"], _ms(r), _tokens(r["tokens_per_s"]), _num(r["gflops"]), _speedup(r)])
+    return _table(header, lines)
+
+
+def _sweep_tables(results):
+    base = results["meta"]["base_dtype"]
+    rows = [
+        r for r in _rows(results, "train", dtype=base)
+        if r["T"] == 100 and r["layers"] == 1 and not r["bidirectional"] and not r["packed"] and r.get("speedup")
+    ]
+    out = []
+    for impl in sorted({r["impl"] for r in rows if r["impl"] != "torch"}):
+        mine = {(r["B"], r["H"]): r["speedup"] for r in rows if r["impl"] == impl}
+        batches, hidden = sorted({b for b, _ in mine}), sorted({h for _, h in mine})
+        lines = [[f"B={b}"] + [_num(mine.get((b, h)), "×{:.2f}") for h in hidden] for b in batches]
+        out.append(f"{impl}, training step, T=100, {base}, median speedup:\n\n"
+                   + _table(["", *(f"H={h}" for h in hidden)], lines))
+    return "\n\n".join(out)
+
+
+def _packed_table(results):
+    train = _rows(results, "train")
+    lines = []
+    for packed in (r for r in train if r["packed"] and "error" not in r):
+        twin = next((r for r in train if not r["packed"] and "error" not in r and r["impl"] == packed["impl"]
+                     and all(r[k] == packed[k] for k in ("T", "B", "H", "I", "layers", "bidirectional", "dtype"))),
+                    None)
+        lines.append([
+            packed["label"], packed["impl"], _ms(packed), _ms(twin) if twin else "—",
+            _num(packed["ms_median"] / twin["ms_median"], "{:.2f}") if twin else "—",
+            _speedup(packed), _speedup(twin) if twin else "—",
+        ])
+    header = ["case (lengths T..T/10)", "impl", "packed ms", "padded ms", "packed / padded",
+              "× torch packed", "× torch padded"]
+    return _table(header, lines) if lines else ""
+
+
+def _memory_section(results):
+    out = []
+    train = [r for r in _rows(results, "train") if "saved_bytes" in r]
+    lines, same = [], 0
+    for r in train:
+        if r["impl"] == "torch" or r.get("torch_saved_bytes") is None:
+            continue
+        diff = r["torch_saved_bytes"] - r["saved_bytes"]
+        share = diff / r["torch_saved_bytes"] if r["torch_saved_bytes"] else float("nan")
+        if abs(share) < 0.01 and r["section"] != "main":
+            same += 1  # the table lists the main shapes and every case that differs
+            continue
+        lines.append([r["label"], r["impl"], _bytes(r["torch_saved_bytes"]), _bytes(r["saved_bytes"]),
+                      f"{'+' if diff >= 0 else ''}{_bytes(diff)} ({100 * share:+.0f}%)"])
+    if lines:
+        out.append("Bytes autograd keeps for backward (unique storages; parameters and input excluded); "
+                   "positive = fastrnn keeps less than torch:\n\n"
+                   + _table(["case", "impl", "torch", "impl", "saved against torch"], lines)
+                   + (f"\n\n{same} more cases are within 1% of torch." if same else ""))
+    memory = results.get("memory", [])
+    if memory:
+        torch_step = {m["label"]: m.get("step_bytes") for m in memory if m["impl"] == "torch"}
+        lines = []
+        for m in memory:
+            if "error" in m:
+                lines.append([m["label"], m["impl"], "—", f"error: {m['error']}", "—"])
+                continue
+            ref = torch_step.get(m["label"])
+            ratio = "1" if m["impl"] == "torch" else (_num(m["step_bytes"] / ref, "{:.2f}") if ref else "—")
+            lines.append([m["label"], m["impl"], _bytes(m["before_bytes"]), _bytes(m["step_bytes"]), ratio])
+        what = ("CUDA `max_memory_allocated` above what was allocated before the step"
+                if memory[0].get("method") == "cuda" else
+                "resident set (VmHWM after resetting it), each in a fresh process, kernels warmed up first")
+        out.append(f"Peak memory of one training step: {what}:\n\n"
+                   + _table(["case", "impl", "before step", "peak above before", "/ torch"], lines))
+    return "\n\n".join(out)
+
+
+def _first_call_table(rows):
+    lines = []
+    for r in rows:
+        cache = "cold (empty JIT cache)" if r.get("cold_cache") else "warm"
+        if "error" in r:
+            lines.append([r["impl"], cache, f"error: {r['error']}", "—", "—", "—"])
+            continue
+        lines.append([r["impl"], cache, f"{r['import_torch_s']:.2f}",
+                      f"{r['import_fastrnn_s']:.2f}" if r["impl"] != "torch" else "—",
+                      f"{r['first_call_s']:.2f}", f"{1e3 * r['second_call_s']:.1f} ms"])
+    return _table(["impl", "cache", "import torch s", "import fastrnn s", "first fwd+bwd s", "second"], lines)
+
+
+def _generic_table(rows):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: _num(v) if isinstance(v, float) else str(v)  # noqa: E731
+    return _table(keys, [[fmt(r.get(k, "")) for k in keys] for r in rows])
+
+
+def write_markdown(results, path, plots=()):
+    meta = results["meta"]
+    peaks = results["gemm_peak"]
+    base = meta["base_dtype"]
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+    lines = [
+        f"# fastrnn benchmark: {meta['device_name']} ({meta['device']}), {meta['date']}",
+        "",
+        f"- Machine: {meta['cpu_model']}, {meta['cpu_count']} cores, torch threads {meta['torch_threads']}"
+        + (f"; GPU {meta['gpu_name']}" if meta.get("gpu_name") else ""),
+        f"- Versions: {versions}",
+        f"- Grid `{meta['grid']}`; implementations: {', '.join(meta['impls'])}",
+        "- GEMM peak (fastest `torch.mm` n×n, before and after the cases): "
+        + ", ".join(f"{d} {p['gflops']:.1f} GFLOP/s (n={p['n']})" for d, p in peaks.items()),
+        "- Timing: implementations alternate within every repeat; times are median (min) over repeats, "
+        "speedup = torch time / impl time from the same run (> 1: faster than torch). "
+        "FLOPs per layer-direction: forward 2·tokens·H·(I+H), backward 2× forward. "
+        "How to read: bench/README.md.",
+        f"- Run time {meta['run_s']:.0f} s; command `{meta['command']}`",
+    ]
+    if meta.get("note"):
+        lines += ["", f"> {meta['note']}"]
+
+    def section(title, body):
+        if body:
+            lines.extend(["", f"## {title}", "", body])
+
+    main = _rows(results, "train", {"main"}, base)
+    section(f"Training step (forward+backward), {base}, one layer, tanh",
+            "\n\n".join(x for x in (_train_table(main), _geomean_line(main, "training step")) if x))
+    inference = _rows(results, "inference", {"main"}, base)
+    section("Inference (forward under no_grad)",
+            "\n\n".join(x for x in (_inference_table(inference), _geomean_line(inference, "inference")) if x))
+    section("Hidden-size sweep", _sweep_tables(results))
+    section("Layers and bidirectional", _train_table(_rows(results, "train", {"layers"})))
+    section("Long sequences", _train_table(_rows(results, "train", {"long"})))
+    section("PackedSequence against the same batch padded", _packed_table(results))
+    for dtype in ("float64", "bfloat16", "float16"):
+        rows = _rows(results, "train", {dtype}, dtype)
+        if rows:
+            section(f"{dtype}", "\n\n".join(x for x in (_train_table(rows), _geomean_line(rows, dtype)) if x))
+    section("Other cases", _train_table(_rows(results, "train", {"relu"})))
+    section("Memory", _memory_section(results))
+    if results.get("first_call"):
+        section("First call (fresh process)",
+                f"Small RNN (T, B, H) = {tuple(results['first_call'][0].get(k) for k in 'TBH')}, "
+                "interpreter start not counted:\n\n" + _first_call_table(results["first_call"]))
+    if results.get("keras_seed"):
+        section("Keras seed model (stock vs fused)", _generic_table(results["keras_seed"]))
+    if results.get("errors"):
+        section("Errors", "\n".join(f"- {e}" for e in results["errors"]))
+    section("Plots", "\n\n".join(f"![{os.path.splitext(p)[0]}]({p})" for p in plots))
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _version(module):
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken: either way not part of this run
+        return None
+
+
+def environment(device):
+    """Machine and versions, recorded in results.json and the report header."""
+    import platform
+
+    import torch
+
+    info = {
+        "device": device,
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu_name": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "versions": {
+            "fastrnn": _version("fastrnn"), "torch": torch.__version__, "numba": _version("numba"),
+            "triton": _version("triton"), "numpy": _version("numpy"), "python": platform.python_version(),
+        },
+        "platform": platform.platform(),
+    }
+    info["device_name"] = info["gpu_name"] or info["cpu_model"]
+    return info

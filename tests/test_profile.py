@@ -1,0 +1,63 @@
+"""``python -m fastrnn.profile`` and ``fastrnn.profile.profiled`` end to end on CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import fastrnn
+import fastrnn.profile as fprofile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FUSED_ON_CPU = "numba" in fastrnn.available_backends()
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _trace_names(path):
+    trace = json.loads(path.read_text())
+    return {event.get("name", "") for event in trace["traceEvents"]}
+
+
+def test_cli_writes_trace_and_table(tmp_path):
+    out = tmp_path / "prof"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastrnn.profile", "--device", "cpu", "--T", "8", "--B", "2", "--H", "8",
+         "--layers", "2", "--bidirectional", "--warmup", "1", "--steps", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = _trace_names(out / "trace.json")
+    assert {"step/forward", "step/backward"} <= names
+    ops = (out / "ops.txt").read_text()
+    assert "Self CPU" in ops and "Self CPU" in proc.stdout
+    if FUSED_ON_CPU:
+        assert any(n.startswith("fastrnn::elman_fwd") for n in names)
+        assert any(n.startswith("fastrnn::elman_bwd") for n in names)
+        assert "fastrnn::elman_fwd" in ops
+
+
+def test_context_manager_exports_on_exit(tmp_path):
+    rnn = fastrnn.RNN(6, 5, num_layers=2)
+    x = torch.randn(7, 3, 6, requires_grad=True)
+    with fprofile.profiled(tmp_path, device="cpu") as prof:
+        out, h_n = rnn(x)
+        (out.sum() + h_n.sum()).backward()
+    assert prof.key_averages()
+    assert (tmp_path / "ops.txt").read_text().strip()
+    names = _trace_names(tmp_path / "trace.json")
+    if FUSED_ON_CPU:
+        assert any(n.startswith("fastrnn::") for n in names)
+        assert "fastrnn::" in fprofile.fastrnn_table(prof)
+
+
+def test_ncu_command_names_the_kernels():
+    cmd = fprofile._ncu_command(["--device", "cuda", "--H", "256", "--steps", "5", "--nvtx"], "out")
+    assert cmd.startswith("ncu -k regex:_elman ")
+    assert "python -m fastrnn.profile --device cuda --H 256" in cmd and "--no-profiler" in cmd
+    assert "--nvtx" not in cmd and "--steps 5" not in cmd

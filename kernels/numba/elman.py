@@ -5,7 +5,11 @@ a block of batch rows; a task runs every step for its rows, so threads never syn
 the loop. The input projection and all weight gradients are GEMMs done by the caller: the
 kernels only carry the sequential part. Layouts follow CONTRACTS.md.
 """
+import contextlib
+import ctypes
+import glob
 import math
+import os
 
 import numba
 import numpy as np
@@ -15,7 +19,10 @@ from numba import njit, prange
 # Keeps NaN/inf semantics (no "nnan"/"ninf") while letting LLVM vectorise and contract.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _JIT = dict(fastmath=_FASTMATH, nogil=True, cache=True)
-_BLAS_MIN_MULTIPLY_ADDS = 1 << 20
+# A task multiplies with BLAS when its row block is tall enough to amortise BLAS's packing of
+# W_hh, which it redoes on every call; smaller products run the hand loop.
+_BLAS_MIN_ROWS = 24
+_BLAS_MIN_HIDDEN = 256
 
 # float32 tanh as x * P(x^2) / Q(x^2) on [-c, c], fitted for this project (max abs error 3.3e-7,
 # relative 2.8e-7 in float32 arithmetic). Unlike libm's tanhf it vectorises; float64 keeps
@@ -150,18 +157,17 @@ def _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, rows, use_blas
         grad_h0[d, b0 + i, :] = dh[i, :]
 
 
-# Two drivers over the same task bodies. The parallel one splits rows across Numba's OpenMP
-# threads and multiplies with hand loops; the serial one gives each direction all rows, and may
-# let BLAS thread the per-step GEMM. BLAS must never run inside the OpenMP region (OpenBLAS's own
-# thread pool can deadlock there), and a single task should not pay for one either.
+# The parallel drivers split rows across Numba's OpenMP threads; the serial ones run a single
+# task without entering an OpenMP region.
 @njit(parallel=True, **_JIT)
-def _elman_fwd_kernel(proj, w_hh_t, h0, lengths, relu, fast_tanh, rows_per_task, out, h_n):
+def _elman_fwd_kernel(proj, w_hh_t, h0, lengths, relu, fast_tanh, rows_per_task, use_blas, out, h_n):
     batch, n_dir = proj.shape[1], proj.shape[2]
     blocks = (batch + rows_per_task - 1) // rows_per_task
     for task in prange(n_dir * blocks):
         d = task // blocks
         b0 = (task - d * blocks) * rows_per_task
-        _fwd_task(proj, w_hh_t, h0, lengths, relu, fast_tanh, d, b0, min(rows_per_task, batch - b0), False, out, h_n)
+        rows = min(rows_per_task, batch - b0)
+        _fwd_task(proj, w_hh_t, h0, lengths, relu, fast_tanh, d, b0, rows, use_blas, out, h_n)
 
 
 @njit(**_JIT)
@@ -171,14 +177,14 @@ def _elman_fwd_serial_kernel(proj, w_hh_t, h0, lengths, relu, fast_tanh, use_bla
 
 
 @njit(parallel=True, **_JIT)
-def _elman_bwd_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, rows_per_task, grad_pre, grad_h0):
+def _elman_bwd_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, rows_per_task, use_blas, grad_pre, grad_h0):
     batch, n_dir = out.shape[1], out.shape[2]
     blocks = (batch + rows_per_task - 1) // rows_per_task
     for task in prange(n_dir * blocks):
         d = task // blocks
         b0 = (task - d * blocks) * rows_per_task
-        _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, min(rows_per_task, batch - b0), False,
-                  grad_pre, grad_h0)
+        rows = min(rows_per_task, batch - b0)
+        _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, rows, use_blas, grad_pre, grad_h0)
 
 
 @njit(**_JIT)
@@ -187,17 +193,49 @@ def _elman_bwd_serial_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, use_bl
         _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, 0, out.shape[1], use_blas, grad_pre, grad_h0)
 
 
-def _use_blas(batch, hidden):
-    """Large per-step products go to BLAS; below this a hand loop beats its fixed call cost."""
-    return batch * hidden * hidden >= _BLAS_MIN_MULTIPLY_ADDS
+def _scipy_openblas():
+    """The OpenBLAS that Numba's np.dot calls (SciPy's), as a ctypes library, or None."""
+    try:
+        import scipy
+    except ImportError:
+        return None
+    pattern = os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs", "libscipy_openblas*.so*")
+    for path in glob.glob(pattern):
+        lib = ctypes.CDLL(path)
+        if hasattr(lib, "scipy_openblas_set_num_threads") and hasattr(lib, "scipy_openblas_get_num_threads"):
+            return lib
+    return None
+
+
+_OPENBLAS = _scipy_openblas()
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """Inside an OpenMP region OpenBLAS must not start its own threads (it can deadlock there, and
+    would oversubscribe the cores anyway), so pin it to one thread for the call."""
+    before = _OPENBLAS.scipy_openblas_get_num_threads()
+    _OPENBLAS.scipy_openblas_set_num_threads(1)
+    try:
+        yield
+    finally:
+        _OPENBLAS.scipy_openblas_set_num_threads(before)
 
 
 def _plan(batch, n_dir, hidden):
-    """(use_blas, rows_per_task); rows_per_task is None where the serial driver runs."""
-    if _use_blas(batch, hidden):
-        return True, None
+    """(use_blas, rows_per_task); rows_per_task is None where a single task runs serially."""
     rows = _rows_per_task(batch, n_dir, _threads())
-    return False, (rows if n_dir * -(-batch // rows) > 1 else None)
+    use_blas = _OPENBLAS is not None and rows >= _BLAS_MIN_ROWS and hidden >= _BLAS_MIN_HIDDEN
+    return use_blas, (rows if n_dir * -(-batch // rows) > 1 else None)
+
+
+def _launch(parallel_kernel, serial_kernel, args, outputs, batch, n_dir, hidden):
+    use_blas, rows = _plan(batch, n_dir, hidden)
+    with _single_threaded_blas() if use_blas else contextlib.nullcontext():
+        if rows is None:
+            serial_kernel(*args, use_blas, *outputs)
+        else:
+            parallel_kernel(*args, rows, use_blas, *outputs)
 
 
 def _rows_per_task(batch, n_dir, threads):
@@ -240,12 +278,8 @@ def elman_forward(proj, w_hh, h0, lengths, relu):
     h_n = torch.empty_like(h0)
     w_hh_t = w_hh.transpose(1, 2).contiguous()
     inputs, outputs = _arrays(proj, w_hh_t, h0, lengths), _arrays(out, h_n)
-    flags = bool(relu), proj.dtype == torch.float32
-    use_blas, rows = _plan(batch, n_dir, proj.shape[3])
-    if rows is None:
-        _elman_fwd_serial_kernel(*inputs, *flags, use_blas, *outputs)
-    else:
-        _elman_fwd_kernel(*inputs, *flags, rows, *outputs)
+    args = (*inputs, bool(relu), proj.dtype == torch.float32)
+    _launch(_elman_fwd_kernel, _elman_fwd_serial_kernel, args, outputs, batch, n_dir, proj.shape[3])
     return out, h_n
 
 
@@ -256,9 +290,5 @@ def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu):
     grad_pre = torch.empty_like(out)
     grad_h0 = torch.empty_like(grad_hn)
     inputs, outputs = _arrays(grad_out, grad_hn, out, w_hh, lengths), _arrays(grad_pre, grad_h0)
-    use_blas, rows = _plan(batch, n_dir, out.shape[3])
-    if rows is None:
-        _elman_bwd_serial_kernel(*inputs, bool(relu), use_blas, *outputs)
-    else:
-        _elman_bwd_kernel(*inputs, bool(relu), rows, *outputs)
+    _launch(_elman_bwd_kernel, _elman_bwd_serial_kernel, (*inputs, bool(relu)), outputs, batch, n_dir, out.shape[3])
     return grad_pre, grad_h0

@@ -20,11 +20,13 @@ _DTYPES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+_REQUIRES = {"numba": ("numba", "scipy"), "triton": ("triton",), "torch": ()}
+# Looked up once: a plain dict keeps resolve() cheap and traceable by torch.compile.
+INSTALLED = {name: all(importlib.util.find_spec(dep) is not None for dep in deps) for name, deps in _REQUIRES.items()}
+
+
 def _installed(name):
-    if name == "torch":
-        return True
-    return all(importlib.util.find_spec(dep) is not None for dep in ((name, "scipy") if name == "numba" else (name,)))
+    return INSTALLED[name]
 
 
 def _triton_interpreted():

@@ -1,9 +1,11 @@
 """Functional Elman RNN: one fused layer (:func:`elman`) and the layer stack behind ``fastrnn.RNN``."""
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from . import backends, reference
-from . import ops as _ops  # noqa: F401  (registers torch.ops.fastrnn.*)
+from . import ops
 
 _NONLINEARITIES = ("tanh", "relu")
 
@@ -60,7 +62,7 @@ def layer(x, h0, w_ih, w_hh, bias, lengths, relu, backend):
     lengths = lengths.to(device=x.device, dtype=torch.int64)
     if backend == "torch":
         return reference.elman(x, h0, w_ih, w_hh, bias, lengths, relu)
-    return torch.ops.fastrnn.elman_fwd(
+    return ops.elman(
         x.contiguous(), h0.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
         None if bias is None else bias.contiguous(), lengths, relu, backend,
     )
@@ -99,7 +101,8 @@ def stack(x, hx, weights, *, num_layers, bidirectional, dropout, training, relu,
         w_hh = _stack([p[1] for p in directions])
         bias = _stack([p[2] + p[3] for p in directions]) if per_dir == 4 else None
         h0 = hx[index * n_dir:(index + 1) * n_dir]
-        x, h_n = layer(x, h0, w_ih, w_hh, bias, lengths, relu, backend)
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else ops.profiler_label(f"fastrnn.layer{index}"):
+            x, h_n = layer(x, h0, w_ih, w_hh, bias, lengths, relu, backend)
         finals.append(h_n)
         if dropout and training and index < num_layers - 1:
             x = _dropout_like_torch(x, dropout, packed_index)

@@ -1,16 +1,26 @@
-"""The fused Elman layer as ``torch.library`` custom ops, with fake (meta) kernels and autograd.
+"""The fused Elman layer: forward and backward on tensors, and their autograd glue.
 
-``fastrnn::elman_fwd`` and ``fastrnn::elman_bwd`` are opaque to ``torch.compile``: it sees one
-node per layer and never traces into the Numba or Triton launchers. Everything that is not the
-recurrence itself is a GEMM over all T*B rows: the input projection here in forward, and in
-backward ``dx``, ``dW_ih``, ``dW_hh`` and the bias gradient.
+Under ``torch.compile`` they run as the ``torch.library`` custom ops ``fastrnn::elman_fwd`` and
+``fastrnn::elman_bwd`` (fake kernels, registered autograd), so the compiler sees one opaque node
+per layer. In eager mode :func:`elman` takes a ``torch.autograd.Function`` over the very same
+functions, which skips the custom-op dispatch (tens of microseconds a call, the whole budget of a
+small layer). Everything that is not the recurrence itself is a GEMM over all T*B rows: the input
+projection in forward, and ``dx``, ``dW_ih``, ``dW_hh`` and the bias gradient in backward.
 """
+import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import backends
+
+
+def profiler_label(name):
+    """A ``record_function`` range while a profiler runs; free otherwise (entering one costs ~10 us)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def _project(x, w_ih, bias):
@@ -22,8 +32,7 @@ def _project(x, w_ih, bias):
     return proj.view(seq_len, batch, n_dir, hidden)
 
 
-@torch.library.custom_op("fastrnn::elman_fwd", mutates_args=())
-def elman_fwd(
+def _forward(
     x: Tensor,
     h0: Tensor,
     w_ih: Tensor,
@@ -35,10 +44,13 @@ def elman_fwd(
 ) -> tuple[Tensor, Tensor]:
     seq_len, batch, _ = x.shape
     n_dir, hidden, _ = w_hh.shape
-    with torch.profiler.record_function(f"fastrnn::elman_fwd[{backend},D={n_dir}]"):
+    with profiler_label(f"fastrnn::elman_fwd[{backend},D={n_dir}]"):
         proj = _project(x, w_ih, bias)
         out, h_n = backends.kernels(backend).elman_forward(proj, w_hh, h0, lengths, relu)
     return out.view(seq_len, batch, n_dir * hidden), h_n
+
+
+elman_fwd = torch.library.custom_op("fastrnn::elman_fwd", _forward, mutates_args=())
 
 
 @elman_fwd.register_fake
@@ -70,8 +82,7 @@ def _grad_w_hh(grad_pre, out, h0, lengths):
     return torch.stack(grads)
 
 
-@torch.library.custom_op("fastrnn::elman_bwd", mutates_args=())
-def elman_bwd(
+def _backward(
     grad_out: Tensor,
     grad_hn: Tensor,
     x: Tensor,
@@ -85,7 +96,7 @@ def elman_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     seq_len, batch, n_in = x.shape
     n_dir, hidden, _ = w_hh.shape
-    with torch.profiler.record_function(f"fastrnn::elman_bwd[{backend},D={n_dir}]"):
+    with profiler_label(f"fastrnn::elman_bwd[{backend},D={n_dir}]"):
         out = out.view(seq_len, batch, n_dir, hidden)
         grad_pre, grad_h0 = backends.kernels(backend).elman_backward(
             grad_out.reshape(out.shape).contiguous(), grad_hn.contiguous(), out, w_hh, lengths, relu
@@ -96,6 +107,9 @@ def elman_bwd(
         grad_bias = flat.sum(0).view(n_dir, hidden)
         grad_w_hh = _grad_w_hh(grad_pre, out, h0, lengths)
     return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias
+
+
+elman_bwd = torch.library.custom_op("fastrnn::elman_bwd", _backward, mutates_args=())
 
 
 @elman_bwd.register_fake
@@ -117,12 +131,35 @@ def _setup_context(ctx, inputs, output):
     ctx.relu, ctx.backend, ctx.has_bias = relu, backend, bias is not None
 
 
-def _backward(ctx, grad_out, grad_hn):
+def _gradients(ctx, grad_out, grad_hn, backward):
     x, h0, w_ih, w_hh, out, lengths = ctx.saved_tensors
-    grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias = elman_bwd(
+    grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias = backward(
         grad_out, grad_hn, x, h0, w_ih, w_hh, out, lengths, ctx.relu, ctx.backend
     )
     return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias if ctx.has_bias else None, None, None, None
 
 
-elman_fwd.register_autograd(_backward, setup_context=_setup_context)
+elman_fwd.register_autograd(
+    lambda ctx, grad_out, grad_hn: _gradients(ctx, grad_out, grad_hn, elman_bwd), setup_context=_setup_context
+)
+
+
+class _EagerElman(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_hn):
+        # Under create_graph, go through the custom op: it has no autograd of its own, so a double
+        # backward fails loudly naming fastrnn::elman_bwd instead of silently missing terms.
+        return _gradients(ctx, grad_out, grad_hn, elman_bwd if torch.is_grad_enabled() else _backward)
+
+
+def elman(x, h0, w_ih, w_hh, bias, lengths, relu, backend):
+    """One fused layer; arguments as ``fastrnn::elman_fwd``. Returns (output (T, B, D*H), h_n)."""
+    if torch.compiler.is_compiling():
+        return elman_fwd(x, h0, w_ih, w_hh, bias, lengths, relu, backend)
+    return _EagerElman.apply(x, h0, w_ih, w_hh, bias, lengths, relu, backend)

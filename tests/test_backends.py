@@ -34,7 +34,7 @@ def test_environment_is_validated(monkeypatch):
 
 
 def test_missing_backend_named_explicitly_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(backends, "_installed", lambda name: name == "torch")
+    monkeypatch.setattr(backends, "INSTALLED", {"numba": False, "triton": False, "torch": True})
     with pytest.raises(RuntimeError, match="pip install numba"):
         fastrnn.RNN(3, 4, backend="numba")
     assert backends.resolve(None, torch.device("cpu"), torch.float32) == "torch"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastrnn
-from fastrnn import functional
+from fastrnn import functional, ops
 from helpers import assert_close, twins
 
 F64 = torch.float64
@@ -119,6 +119,25 @@ def test_double_backward_raises_a_clear_error():
     (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="elman_bwd"):
         grad_x.sum().backward()
+
+
+def test_custom_op_backward_has_no_double_backward_either():
+    x, h0, w_ih, w_hh, b = _layer_inputs()
+    out, _ = torch.ops.fastrnn.elman_fwd(x, h0, w_ih, w_hh, b, torch.full((3,), 4), False, "numba")
+    (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="elman_bwd"):
+        grad_x.sum().backward()
+
+
+def test_eager_function_and_custom_op_agree_exactly():
+    inputs = _layer_inputs()
+    lengths = torch.tensor([4, 2, 3])
+    results = []
+    for fn in (ops.elman, torch.ops.fastrnn.elman_fwd):
+        out, h_n = fn(*inputs, lengths, False, "numba")
+        grads = torch.autograd.grad((out ** 2).sum() + h_n.sum(), inputs)
+        results.append([out, h_n, *grads])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_kernels_respect_torch_thread_count():

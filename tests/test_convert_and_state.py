@@ -110,3 +110,32 @@ def test_seed_model_trains_exactly_like_torch():
     assert max(abs(a - b) for a, b in zip(*losses)) < 1e-10
     for (name, p), q in zip(converted.named_parameters(), reference.parameters()):
         assert_close(p, q, 1e-10, name)
+
+
+def test_distributed_data_parallel_two_ranks(tmp_path):
+    """Two CPU ranks (gloo) train one step of a converted model: gradients are averaged like torch's."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    model = Seed().double()
+    data = torch.randn(8, 10, 20, dtype=torch.float64)
+    expected = copy.deepcopy(model)
+    expected(data).sum().backward()  # the mean over two halves of the batch = the full-batch sum / 2
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "rendezvous"), model, data, str(tmp_path)), nprocs=2)
+    grads = torch.load(tmp_path / "grads0.pt")
+    for (name, p), g in zip(expected.named_parameters(), grads):
+        assert_close(g * 2, p.grad, 1e-10, name)
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.load(tmp_path / "grads1.pt")))
+
+
+def _ddp_rank(rank, world_size, rendezvous, model, data, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(fastrnn.convert(model))
+        ddp(data[rank * 4:(rank + 1) * 4]).sum().backward()
+        torch.save([p.grad for p in ddp.module.parameters()], f"{out_dir}/grads{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -22,6 +22,9 @@ SLOW_SHAPES = {(100, 256, 1024)}
 SWEEP_T, SWEEP_B, SWEEP_H = 100, (1, 16, 64), (64, 128, 256, 512)
 FULL_SWEEP_B, FULL_SWEEP_H = (1, 8, 16, 64, 256), (32, 64, 128, 256, 512, 1024)
 LONG_SHAPES = ((1000, 8, 128), (2000, 1, 256))
+# On CUDA: the sweep and long sequences of the GPU issue, against cuDNN's nn.RNN.
+GPU_SWEEP_B, GPU_SWEEP_H = (1, 16, 64, 256), (64, 128, 256, 512, 768, 1024)
+GPU_LONG_SHAPES = tuple((1000, B, H) for B in (1, 16, 64, 256) for H in (256, 1024))
 # (layers, bidirectional) on one shape.
 STACK_SHAPE, STACKS = (100, 32, 256), ((2, False), (1, True), (2, True))
 PACKED_SHAPE = (200, 32, 256)
@@ -143,9 +146,12 @@ def grid(name="default", device="cpu", dtypes=None):
         full = name == "full"
         main = TRAIN_SHAPES + (((100, 512, 1024), (100, 64, 2048)) if cuda else ())
         cases = _train(main)
-        sweep_b, sweep_h = (FULL_SWEEP_B, FULL_SWEEP_H) if full else (SWEEP_B, SWEEP_H)
-        cases += [Case("sweep", SWEEP_T, B, H, inference=full) for B in sweep_b for H in sweep_h]
-        cases += [Case("long", T, B, H) for T, B, H in LONG_SHAPES]
+        if cuda:
+            sweep_b, sweep_h = GPU_SWEEP_B, GPU_SWEEP_H
+        else:
+            sweep_b, sweep_h = (FULL_SWEEP_B, FULL_SWEEP_H) if full else (SWEEP_B, SWEEP_H)
+        cases += [Case("sweep", SWEEP_T, B, H, inference=full or cuda) for B in sweep_b for H in sweep_h]
+        cases += [Case("long", T, B, H) for T, B, H in (GPU_LONG_SHAPES if cuda else LONG_SHAPES)]
         T, B, H = STACK_SHAPE
         stacks = STACKS + (((3, True),) if full else ())
         cases += [Case("layers", T, B, H, layers=L, bidirectional=bi) for L, bi in stacks]

@@ -157,16 +157,22 @@ def _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, rows, use_blas
         grad_h0[d, b0 + i, :] = dh[i, :]
 
 
+@njit(inline="always", **_JIT)
+def _task_rows(task, batch, rows_per_task):
+    """Task -> (direction, first row, rows); tasks run direction-major over row blocks."""
+    blocks = (batch + rows_per_task - 1) // rows_per_task
+    d = task // blocks
+    b0 = (task - d * blocks) * rows_per_task
+    return d, b0, min(rows_per_task, batch - b0)
+
+
 # The parallel drivers split rows across Numba's OpenMP threads; the serial ones run a single
 # task without entering an OpenMP region.
 @njit(parallel=True, **_JIT)
 def _elman_fwd_kernel(proj, w_hh_t, h0, lengths, relu, fast_tanh, rows_per_task, use_blas, out, h_n):
     batch, n_dir = proj.shape[1], proj.shape[2]
-    blocks = (batch + rows_per_task - 1) // rows_per_task
-    for task in prange(n_dir * blocks):
-        d = task // blocks
-        b0 = (task - d * blocks) * rows_per_task
-        rows = min(rows_per_task, batch - b0)
+    for task in prange(n_dir * ((batch + rows_per_task - 1) // rows_per_task)):
+        d, b0, rows = _task_rows(task, batch, rows_per_task)
         _fwd_task(proj, w_hh_t, h0, lengths, relu, fast_tanh, d, b0, rows, use_blas, out, h_n)
 
 
@@ -179,11 +185,8 @@ def _elman_fwd_serial_kernel(proj, w_hh_t, h0, lengths, relu, fast_tanh, use_bla
 @njit(parallel=True, **_JIT)
 def _elman_bwd_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, rows_per_task, use_blas, grad_pre, grad_h0):
     batch, n_dir = out.shape[1], out.shape[2]
-    blocks = (batch + rows_per_task - 1) // rows_per_task
-    for task in prange(n_dir * blocks):
-        d = task // blocks
-        b0 = (task - d * blocks) * rows_per_task
-        rows = min(rows_per_task, batch - b0)
+    for task in prange(n_dir * ((batch + rows_per_task - 1) // rows_per_task)):
+        d, b0, rows = _task_rows(task, batch, rows_per_task)
         _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, rows, use_blas, grad_pre, grad_h0)
 
 

@@ -86,6 +86,16 @@ def _time_index(s, L, d):
 
 
 @triton.jit
+def _block_rows(len_ptr, B, T, BLOCK_B: tl.constexpr):
+    """This program's batch rows, which exist, their lengths and the block's longest length."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    L = tl.load(len_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+    L = tl.minimum(tl.maximum(L, 0), T)  # memory safety only; lengths are checked by callers
+    return rows, row_ok, L, tl.max(L, axis=0)
+
+
+@triton.jit
 def _elman_fwd_kernel(
     proj_ptr, w_ptr, h0_ptr, len_ptr, out_ptr, hn_ptr,
     T, B, H, stride_t, stride_b,
@@ -93,14 +103,9 @@ def _elman_fwd_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     d = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
     cols = tl.arange(0, BLOCK_H)
-    row_ok = rows < B
-    col_ok = cols < H
-    mask = row_ok[:, None] & col_ok[None, :]
-    L = tl.load(len_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-    L = tl.minimum(tl.maximum(L, 0), T)  # memory safety only; lengths are checked by callers
-    n_steps = tl.max(L, axis=0)
+    mask = row_ok[:, None] & (cols < H)[None, :]
 
     # wt[k, j] = W_hh[d, j, k], so that z = h @ wt. Padding is zero, keeping padded columns of h zero.
     wk = tl.arange(0, BLOCK_H)[:, None]
@@ -143,14 +148,9 @@ def _elman_bwd_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     d = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
     cols = tl.arange(0, BLOCK_H)
-    row_ok = rows < B
-    col_ok = cols < H
-    mask = row_ok[:, None] & col_ok[None, :]
-    L = tl.load(len_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-    L = tl.minimum(tl.maximum(L, 0), T)
-    n_steps = tl.max(L, axis=0)
+    mask = row_ok[:, None] & (cols < H)[None, :]
 
     # w[j, k] = W_hh[d, j, k]: dh_prev = dz @ W_hh[d] (no transpose).
     wj = tl.arange(0, BLOCK_H)[:, None]
@@ -201,11 +201,7 @@ def _elman_fwd_tiled_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     d = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    L = tl.load(len_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-    L = tl.minimum(tl.maximum(L, 0), T)
-    n_steps = tl.max(L, axis=0)
+    rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
     w_base = w_ptr + d * H * H
     seq = rows.to(tl.int64) * stride_b + d * H  # (BLOCK_B,) offset of each row's (b, d) slice
     h0_rows = h0_ptr + d * B * H + rows * H
@@ -265,11 +261,7 @@ def _elman_bwd_tiled_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     d = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    L = tl.load(len_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-    L = tl.minimum(tl.maximum(L, 0), T)
-    n_steps = tl.max(L, axis=0)
+    rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
     w_base = w_ptr + d * H * H
     seq = rows.to(tl.int64) * stride_b + d * H
     ghn_rows = ghn_ptr + d * B * H + rows * H

@@ -34,7 +34,7 @@ def _reference(proj, w_hh, h0, lengths, relu):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("T,B,D,H", [(1, 1, 1, 1), (7, 5, 2, 13), (30, 9, 2, 64), (12, 40, 1, 70), (4, 50, 1, 256)])
+@pytest.mark.parametrize("T,B,D,H", [(1, 1, 1, 1), (7, 5, 2, 13), (30, 9, 2, 64), (12, 40, 1, 70), (3, 130, 1, 512)])
 def test_forward_and_backward_match_reference(dtype, relu, T, B, D, H):
     proj, w_hh, h0, lengths = _case(T, B, D, H, dtype)
     out, h_n = kernels.elman_forward(proj, w_hh, h0, lengths, relu)
@@ -56,10 +56,21 @@ def test_forward_and_backward_match_reference(dtype, relu, T, B, D, H):
     assert bool((grad_pre[padded] == 0).all())
 
 
+@pytest.mark.parametrize("n,k,m", [(1, 1, 1), (1, 64, 64), (3, 5, 2), (4, 4, 4), (9, 6, 7), (16, 130, 33)])
+def test_blocked_hand_matmul(n, k, m):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, w = rng.standard_normal((n, k)), rng.standard_normal((k, m))
+    out = np.full((n, m), np.nan)
+    kernels._hand_matmul(a, w, out)
+    np.testing.assert_allclose(out, a @ w, rtol=1e-12, atol=1e-12)
+
+
 def test_every_driver_is_exercised_above():
     assert kernels._threads() == 2, "conftest runs the suite with 2 threads"
-    plans = {kernels._plan(B, D, H) for B, D, H in [(1, 1, 1), (5, 2, 13), (50, 1, 256)]}
-    assert plans == {(False, None), (False, 5), (kernels._OPENBLAS is not None, 25)}
+    plans = {kernels._plan(B, D, H) for B, D, H in [(1, 1, 1), (5, 2, 13), (130, 1, 512)]}
+    assert plans == {(False, None), (False, 5), (kernels._OPENBLAS is not None, 65)}
 
 
 def test_rows_per_task_fills_threads_without_splitting_more():

@@ -12,13 +12,15 @@ from fastrnn.kernels.numba import elman as kernels
 from helpers import assert_close
 
 
-def _case(T, B, D, H, dtype, seed=0):
+def _case(T, B, D, H, dtype, seed=0, descending=False):
     g = torch.Generator().manual_seed(seed)
     proj = torch.randn(T, B, D, H, generator=g, dtype=dtype)
     w_hh = torch.randn(D, H, H, generator=g, dtype=dtype) / H ** 0.5
     h0 = torch.randn(D, B, H, generator=g, dtype=dtype)
     lengths = torch.randint(0, T + 1, (B,), generator=g)
     lengths[0] = T
+    if descending:  # as in a PackedSequence: finished rows form a tail the kernels skip
+        lengths = lengths.sort(descending=True).values
     return proj, w_hh, h0, lengths
 
 
@@ -35,8 +37,9 @@ def _reference(proj, w_hh, h0, lengths, relu):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("T,B,D,H", [(1, 1, 1, 1), (7, 5, 2, 13), (30, 9, 2, 64), (12, 40, 1, 70), (3, 130, 1, 512)])
-def test_forward_and_backward_match_reference(dtype, relu, T, B, D, H):
-    proj, w_hh, h0, lengths = _case(T, B, D, H, dtype)
+@pytest.mark.parametrize("descending", [False, True])
+def test_forward_and_backward_match_reference(dtype, relu, T, B, D, H, descending):
+    proj, w_hh, h0, lengths = _case(T, B, D, H, dtype, descending=descending)
     out, h_n = kernels.elman_forward(proj, w_hh, h0, lengths, relu)
     leaves = [t.clone().requires_grad_() for t in (proj, h0)]
     ref_out, ref_h_n = _reference(leaves[0], w_hh, leaves[1], lengths, relu)

@@ -114,6 +114,25 @@ def _time_index(step, length, direction):
     return step if direction == 0 else length - 1 - step
 
 
+@njit(inline="always", **_JIT)
+def _is_descending(lengths, b0, rows):
+    for i in range(1, rows):
+        if lengths[b0 + i] > lengths[b0 + i - 1]:
+            return False
+    return True
+
+
+@njit(inline="always", **_JIT)
+def _live_rows(lengths, b0, rows, step, descending):
+    """How many leading rows to multiply at ``step``. With lengths sorted, as a PackedSequence's
+    are, finished rows form a tail that is skipped, so the work follows the valid tokens."""
+    live = rows
+    if descending:
+        while live > 0 and lengths[b0 + live - 1] <= step:
+            live -= 1
+    return live
+
+
 @njit(**_JIT)
 def _fwd_task(proj, w_hh_t, h0, lengths, relu, fast_tanh, d, b0, rows, use_blas, out, h_n):
     """The whole forward time loop of one direction for batch rows [b0, b0 + rows)."""
@@ -128,9 +147,11 @@ def _fwd_task(proj, w_hh_t, h0, lengths, relu, fast_tanh, d, b0, rows, use_blas,
         for t in range(length, seq_len):
             out[t, b0 + i, d, :] = 0.0
     w = w_hh_t[d]
+    descending = _is_descending(lengths, b0, rows)
     for step in range(longest):
-        _matmul(h, w, acc, use_blas)
-        for i in range(rows):
+        live = _live_rows(lengths, b0, rows, step, descending)
+        _matmul(h[:live], w, acc[:live], use_blas)
+        for i in range(live):
             b = b0 + i
             length = lengths[b]
             if step < length:
@@ -159,8 +180,10 @@ def _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, rows, use_blas
         for t in range(length, seq_len):
             grad_pre[t, b0 + i, d, :] = 0.0
     w = w_hh[d]
+    descending = _is_descending(lengths, b0, rows)
     for step in range(longest - 1, -1, -1):
-        for i in range(rows):
+        live = _live_rows(lengths, b0, rows, step, descending)
+        for i in range(live):
             b = b0 + i
             length = lengths[b]
             if step < length:
@@ -174,9 +197,9 @@ def _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, rows, use_blas
                         g = g * (1.0 - y * y)
                     dz[i, j] = g
                     grad_pre[t, b, d, j] = g
-        _matmul(dz, w, dh_prev, use_blas)
+        _matmul(dz[:live], w, dh_prev[:live], use_blas)
         # Rows whose sequence has not started yet (in reverse order) keep their incoming dh.
-        for i in range(rows):
+        for i in range(live):
             if step < lengths[b0 + i]:
                 dh[i, :] = dh_prev[i, :]
     for i in range(rows):

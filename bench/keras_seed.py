@@ -13,17 +13,12 @@ import time
 CASE = "keras seed model"
 
 
-def _seed_model(rnn):
-    import keras
-
-    model = keras.Sequential([
-        keras.Input((10, 20)),
-        rnn(64, return_sequences=True),
-        rnn(32),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dense(5, activation="softmax"),
-    ])
-    return model
+def _seed_example():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples", "seed_keras.py")
+    spec = importlib.util.spec_from_file_location("fastrnn_examples_seed_keras", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(quick=True):
@@ -46,7 +41,7 @@ def run(quick=True):
     y = keras.utils.to_categorical(rng.integers(0, 5, samples), 5)
 
     keras.utils.set_random_seed(0)
-    stock = _seed_model(keras.layers.SimpleRNN)
+    stock = _seed_example().create_rnn_model((10, 20), 5, keras.layers.SimpleRNN)
     models = {"stock": stock, "fastrnn": fastrnn.keras.convert(stock)}
     for model in models.values():
         model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])

@@ -14,6 +14,8 @@ import fastrnn
 
 
 class Seed(nn.Module):
+    """The seed's PyTorch model: two stacked RNNs, then two linear layers; class probabilities."""
+
     def __init__(self, input_size=20, hidden_size=64, num_classes=5):
         super().__init__()
         self.rnn1 = nn.RNN(input_size, hidden_size, batch_first=True)
@@ -22,9 +24,11 @@ class Seed(nn.Module):
         self.fc2 = nn.Linear(16, num_classes)
 
     def forward(self, x):
-        out, _ = self.rnn1(x)
+        h0 = torch.zeros(1, x.size(0), self.rnn1.hidden_size, dtype=x.dtype, device=x.device)
+        out, _ = self.rnn1(x, h0)
         out, _ = self.rnn2(out)
-        return self.fc2(torch.relu(self.fc1(out[:, -1, :])))
+        out = torch.relu(self.fc1(out[:, -1, :]))
+        return torch.softmax(self.fc2(out), dim=1)
 
 
 def train(model, data, labels, epochs, batch_size=32):
@@ -33,7 +37,8 @@ def train(model, data, labels, epochs, batch_size=32):
     start = time.perf_counter()
     for _ in range(epochs):
         for i in range(0, len(data), batch_size):
-            loss = nn.functional.cross_entropy(model(data[i:i + batch_size]), labels[i:i + batch_size])
+            probabilities = model(data[i:i + batch_size])
+            loss = nn.functional.nll_loss(torch.log(probabilities), labels[i:i + batch_size])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -1,7 +1,21 @@
 """Shared test helpers: build torch/fastrnn twins and compare everything they produce."""
+import functools
+import importlib.util
+from pathlib import Path
+
 import torch
 
 import fastrnn
+
+
+@functools.lru_cache(maxsize=None)
+def example(name):
+    """A script of examples/ as a module: the seed models live there, once."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def twins(*args, dtype=torch.float64, seed=0, **kwargs):

@@ -7,24 +7,10 @@ import torch
 from torch import nn
 
 import fastrnn
-from helpers import assert_close, compare, twins
+from helpers import assert_close, compare, example, twins
 
 
-class Seed(nn.Module):
-    """The PyTorch example of ../shared/seed: two stacked RNNs, then two linear layers."""
-
-    def __init__(self, input_size=20, hidden_size=64, num_classes=5):
-        super().__init__()
-        self.rnn1 = nn.RNN(input_size, hidden_size, batch_first=True)
-        self.rnn2 = nn.RNN(hidden_size, 32, batch_first=True)
-        self.fc1 = nn.Linear(32, 16)
-        self.fc2 = nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        out, _ = self.rnn1(x, torch.zeros(1, x.size(0), self.rnn1.hidden_size, dtype=x.dtype))
-        out, _ = self.rnn2(out)
-        out = torch.relu(self.fc1(out[:, -1, :]))
-        return torch.softmax(self.fc2(out), dim=1)
+Seed = example("seed_pytorch").Seed
 
 
 def test_convert_swaps_rnns_in_place_and_keeps_everything():
@@ -121,17 +107,20 @@ def test_distributed_data_parallel_two_ranks(tmp_path):
     data = torch.randn(8, 10, 20, dtype=torch.float64)
     expected = copy.deepcopy(model)
     expected(data).sum().backward()  # the mean over two halves of the batch = the full-batch sum / 2
-    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "rendezvous"), model, data, str(tmp_path)), nprocs=2)
+    state = model.state_dict()
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "rendezvous"), state, data, str(tmp_path)), nprocs=2)
     grads = torch.load(tmp_path / "grads0.pt")
     for (name, p), g in zip(expected.named_parameters(), grads):
         assert_close(g * 2, p.grad, 1e-10, name)
     assert all(torch.equal(a, b) for a, b in zip(grads, torch.load(tmp_path / "grads1.pt")))
 
 
-def _ddp_rank(rank, world_size, rendezvous, model, data, out_dir):
+def _ddp_rank(rank, world_size, rendezvous, state, data, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    model = Seed().double()
+    model.load_state_dict(state)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
     try:
         ddp = nn.parallel.DistributedDataParallel(fastrnn.convert(model))

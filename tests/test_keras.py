@@ -19,6 +19,7 @@ if keras.backend.backend() != "torch":  # keras was imported earlier with anothe
 
 import fastrnn.keras as fk  # noqa: E402
 from fastrnn import functional  # noqa: E402
+from helpers import example  # noqa: E402
 
 # Keras 3.15 on numpy 2 warns on every weight read; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -197,15 +198,8 @@ def test_bidirectional_with_mask(fused_calls):
 
 
 def _seed_model(rnn=keras.layers.SimpleRNN):
-    """The seed's Keras model (Input (10, 20) -> 64 -> 32 -> Dense 16 -> Dense 5)."""
-    model = keras.Sequential([
-        keras.Input((10, 20)),
-        rnn(64, return_sequences=True),
-        rnn(32),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dense(5, activation="softmax"),
-    ])
-    return model
+    """The seed's Keras model (Input (10, 20) -> 64 -> 32 -> Dense 16 -> Dense 5), from examples/."""
+    return example("seed_keras").create_rnn_model((10, 20), 5, rnn)
 
 
 def _masked_model(rnn=keras.layers.SimpleRNN):

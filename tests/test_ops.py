@@ -4,7 +4,7 @@ import torch
 
 import fastrnn
 from fastrnn import functional, ops
-from helpers import assert_close, twins
+from helpers import assert_close, example, twins
 
 F64 = torch.float64
 
@@ -54,29 +54,12 @@ def test_functional_matches_reference_loop(nonlinearity, D):
         assert_close(a, e, 1e-11, name)
 
 
-def _seed_model(rnn_cls):
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn1 = rnn_cls(20, 64, batch_first=True)
-            self.rnn2 = rnn_cls(64, 32, batch_first=True)
-            self.fc1 = torch.nn.Linear(32, 16)
-            self.fc2 = torch.nn.Linear(16, 5)
-
-        def forward(self, x):
-            out, _ = self.rnn1(x)
-            out, _ = self.rnn2(out)
-            return self.fc2(torch.relu(self.fc1(out[:, -1, :])))
-
-    return Model()
-
-
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(compile_backend):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    ref = _seed_model(torch.nn.RNN)
-    model = fastrnn.convert(_seed_model(torch.nn.RNN))
+    ref = example("seed_pytorch").Seed()
+    model = fastrnn.convert(example("seed_pytorch").Seed())
     model.load_state_dict(ref.state_dict())
     compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
     x = torch.randn(4, 10, 20)

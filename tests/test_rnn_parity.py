@@ -173,3 +173,15 @@ def test_inference_under_no_grad_and_tolerance_helper_is_strict():
     assert_close(o2, o1, tolerance(torch.float32, 10))
     with pytest.raises(AssertionError):
         assert_close(o2 + 1e-3, o1, tolerance(torch.float32, 10))
+
+
+def test_inference_mode_and_functional_call():
+    ref, fast = twins(4, 6, num_layers=2, batch_first=True)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    with torch.inference_mode():
+        assert_close(fast(x)[0], ref(x)[0], 1e-12, "inference_mode output")
+    params = {name: p.detach() * 1.1 for name, p in ref.named_parameters()}
+    expected = torch.func.functional_call(ref, params, (x,))
+    actual = torch.func.functional_call(fast, params, (x,))
+    assert_close(actual[0], expected[0], 1e-12, "functional_call output")
+    assert_close(actual[1], expected[1], 1e-12, "functional_call h_n")

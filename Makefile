@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC) -e '.[dev]'
+	# Compile the Numba kernels into their on-disk cache now, not on a user's first call.
+	$(PY) -m fastrnn.kernels.numba.elman
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -114,3 +114,11 @@ def test_compiled_kernels_are_cached_on_disk_and_reused(tmp_path):
     assert runs[0] == ["0", "2"], f"first process should compile both kernels, got hits/misses {runs[0]}"
     assert runs[1] == ["2", "0"], f"second process should load both from {tmp_path}, got {runs[1]}"
     assert list(tmp_path.rglob("*.nbi"))
+
+
+def test_warm_up_compiles_every_kernel_for_both_dtypes():
+    kernels.warm_up()
+    for kernel in (kernels._elman_fwd_kernel, kernels._elman_fwd_serial_kernel,
+                   kernels._elman_bwd_kernel, kernels._elman_bwd_serial_kernel):
+        dtypes = {str(signature[0].dtype) for signature in kernel.signatures}
+        assert dtypes == {"float32", "float64"}, f"{kernel.__name__}: {dtypes}"

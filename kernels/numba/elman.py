@@ -344,3 +344,26 @@ def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu):
     inputs, outputs = _arrays(grad_out, grad_hn, out, w_hh, lengths), _arrays(grad_pre, grad_h0)
     _launch(_elman_bwd_kernel, _elman_bwd_serial_kernel, (*inputs, bool(relu)), outputs, batch, n_dir, out.shape[3])
     return grad_pre, grad_h0
+
+
+def warm_up():
+    """Compile (or load from Numba's cache) every kernel variant for float32 and float64, so that a
+    first call in a later process only loads them. ``python -m fastrnn.kernels.numba.elman``."""
+    for dtype in (torch.float32, torch.float64):
+        for batch, use_blas in ((1, False), (2, False), (2, True)):
+            proj = torch.zeros(2, batch, 1, 4, dtype=dtype)
+            w_hh, h0, lengths = torch.zeros(1, 4, 4, dtype=dtype), torch.zeros(1, batch, 4, dtype=dtype), torch.full((batch,), 2)
+            out, h_n = torch.empty_like(proj), torch.empty_like(h0)
+            fwd = (*_arrays(proj, w_hh, h0, lengths), False, dtype == torch.float32)
+            bwd = (*_arrays(out, h0, out, w_hh, lengths), False)
+            with _single_threaded_blas() if use_blas and _OPENBLAS is not None else contextlib.nullcontext():
+                if batch == 1:
+                    _elman_fwd_serial_kernel(*fwd, use_blas, *_arrays(out, h_n))
+                    _elman_bwd_serial_kernel(*bwd, use_blas, *_arrays(out, h_n))
+                else:
+                    _elman_fwd_kernel(*fwd, 1, use_blas, *_arrays(out, h_n))
+                    _elman_bwd_kernel(*bwd, 1, use_blas, *_arrays(out, h_n))
+
+
+if __name__ == "__main__":
+    warm_up()

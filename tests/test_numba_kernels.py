@@ -122,3 +122,32 @@ def test_warm_up_compiles_every_kernel_for_both_dtypes():
                    kernels._elman_bwd_kernel, kernels._elman_bwd_serial_kernel):
         dtypes = {str(signature[0].dtype) for signature in kernel.signatures}
         assert dtypes == {"float32", "float64"}, f"{kernel.__name__}: {dtypes}"
+
+
+@pytest.mark.skipif(kernels._OPENBLAS is None, reason="SciPy's OpenBLAS not found")
+def test_blas_pinning_restores_the_user_setting_across_threads():
+    import threading
+
+    blas = kernels._OPENBLAS
+    original = blas.scipy_openblas_get_num_threads()
+    blas.scipy_openblas_set_num_threads(2)
+    inside, release = threading.Barrier(3), threading.Event()
+
+    def pinned():
+        with kernels._single_threaded_blas():
+            inside.wait()
+            release.wait()
+
+    workers = [threading.Thread(target=pinned) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        inside.wait()
+        assert blas.scipy_openblas_get_num_threads() == 1
+        release.set()
+        for worker in workers:
+            worker.join()
+        assert blas.scipy_openblas_get_num_threads() == 2
+    finally:
+        release.set()
+        blas.scipy_openblas_set_num_threads(original)

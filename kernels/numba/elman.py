@@ -10,6 +10,7 @@ import ctypes
 import glob
 import math
 import os
+import threading
 
 import numba
 import numpy as np
@@ -262,16 +263,27 @@ def _scipy_openblas():
 _OPENBLAS = _scipy_openblas()
 
 
+_BLAS_LOCK = threading.Lock()
+_blas_pins = {"count": 0, "threads_before": 1}
+
+
 @contextlib.contextmanager
 def _single_threaded_blas():
     """Inside an OpenMP region OpenBLAS must not start its own threads (it can deadlock there, and
-    would oversubscribe the cores anyway), so pin it to one thread for the call."""
-    before = _OPENBLAS.scipy_openblas_get_num_threads()
-    _OPENBLAS.scipy_openblas_set_num_threads(1)
+    would oversubscribe the cores anyway), so pin it to one thread for the call. Counted, so that
+    calls from several Python threads restore the user's setting only when the last one ends."""
+    with _BLAS_LOCK:
+        if _blas_pins["count"] == 0:
+            _blas_pins["threads_before"] = _OPENBLAS.scipy_openblas_get_num_threads()
+            _OPENBLAS.scipy_openblas_set_num_threads(1)
+        _blas_pins["count"] += 1
     try:
         yield
     finally:
-        _OPENBLAS.scipy_openblas_set_num_threads(before)
+        with _BLAS_LOCK:
+            _blas_pins["count"] -= 1
+            if _blas_pins["count"] == 0:
+                _OPENBLAS.scipy_openblas_set_num_threads(_blas_pins["threads_before"])
 
 
 def _plan(batch, n_dir, hidden):

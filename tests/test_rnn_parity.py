@@ -154,13 +154,22 @@ def test_half_precision_on_cpu_matches_torch_exactly(dtype):
     assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
 
 
-def test_nan_propagates_like_torch():
-    ref, fast = twins(3, 4)
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_nan_propagates_like_torch(nonlinearity):
+    ref, fast = twins(3, 4, nonlinearity=nonlinearity)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
-    x[1, 0, 0] = float("nan")
-    o1, _ = ref(x)
-    o2, _ = fast(x)
+    x[-1, 0, 0] = float("nan")
+    results = []
+    for module in (ref, fast):
+        leaf = x.clone().requires_grad_()
+        out, _ = module(leaf)
+        out.sum().backward()
+        results.append((out, leaf.grad))
+    (o1, g1), (o2, g2) = results
     assert torch.equal(o1.isnan(), o2.isnan())
+    assert torch.equal(g1.isnan(), g2.isnan())
+    finite = ~g1.isnan()
+    assert_close(g2[finite], g1[finite], 1e-10, "grad x")
 
 
 def test_inference_under_no_grad_and_tolerance_helper_is_strict():

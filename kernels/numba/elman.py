@@ -192,8 +192,8 @@ def _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, rows, use_blas
                 for j in range(hidden):
                     g = grad_out[t, b, d, j] + dh[i, j]
                     y = out[t, b, d, j]
-                    if relu:
-                        g = g if y > 0.0 else 0.0
+                    if relu:  # as torch's threshold_backward: only y <= 0 blocks, so NaN passes
+                        g = 0.0 if y <= 0.0 else g
                     else:
                         g = g * (1.0 - y * y)
                     dz[i, j] = g

@@ -53,9 +53,10 @@ def _activate(z, RELU: tl.constexpr):
 
 @triton.jit
 def _activate_grad(g, y, RELU: tl.constexpr):
-    # Derivative from the output y = act(z): tanh' = 1 - y^2, relu' = [y > 0].
+    # Derivative from the output y = act(z): tanh' = 1 - y^2, relu' = [y > 0] (as torch's
+    # threshold_backward: only y <= 0 blocks, so a NaN passes through).
     if RELU:
-        return tl.where(y > 0, g, 0.0)
+        return tl.where(y <= 0, 0.0, g)
     else:
         return g * (1.0 - y * y)
 

@@ -64,9 +64,12 @@ def resolve(backend, device, dtype):
     """The backend that will run tensors of this device and dtype.
 
     A backend named explicitly but not covering the device or dtype falls back to ``torch``, so
-    that fastrnn never fails where ``torch.nn.RNN`` works.
+    that fastrnn never fails where ``torch.nn.RNN`` works. So does autocast: torch's RNN casts its
+    weights and inputs itself there, which the fused ops do not.
     """
     name = requested(backend)
+    if torch._C._is_any_autocast_enabled():
+        return "torch"
     if name != "auto":
         return name if _supports(name, device, dtype) else "torch"
     device_default = "triton" if device.type == "cuda" else "numba"

@@ -194,3 +194,23 @@ def test_inference_mode_and_functional_call():
     actual = torch.func.functional_call(fast, params, (x,))
     assert_close(actual[0], expected[0], 1e-12, "functional_call output")
     assert_close(actual[1], expected[1], 1e-12, "functional_call h_n")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_like_torch(dtype):
+    ref, fast = twins(3, 4, num_layers=2, dtype=torch.float32)
+    x = torch.randn(5, 2, 3)
+    results = []
+    for module in (ref, fast):
+        try:
+            with torch.autocast("cpu", dtype=dtype):
+                out, h_n = module(x)
+        except RuntimeError as error:  # no such CPU autocast kernel in this torch: neither may fastrnn
+            results.append(type(error))
+            continue
+        results.append((out, h_n))
+    if not isinstance(results[0], tuple):
+        assert results[1] is results[0]
+        return
+    (o1, h1), (o2, h2) = results
+    assert o1.dtype == o2.dtype and torch.equal(o1, o2) and torch.equal(h1, h2)

@@ -60,6 +60,12 @@ def requested(backend=None):
     return name
 
 
+def _under_functorch():
+    """torch.func transforms (grad, vmap, jvp) wrap tensors without storage: kernels cannot run."""
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
 def resolve(backend, device, dtype):
     """The backend that will run tensors of this device and dtype.
 
@@ -68,7 +74,7 @@ def resolve(backend, device, dtype):
     weights and inputs itself there, which the fused ops do not.
     """
     name = requested(backend)
-    if torch._C._is_any_autocast_enabled():
+    if torch._C._is_any_autocast_enabled() or _under_functorch():
         return "torch"
     if name != "auto":
         return name if _supports(name, device, dtype) else "torch"

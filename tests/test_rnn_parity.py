@@ -214,3 +214,10 @@ def test_autocast_runs_like_torch(dtype):
         return
     (o1, h1), (o2, h2) = results
     assert o1.dtype == o2.dtype and torch.equal(o1, o2) and torch.equal(h1, h2)
+
+
+def test_torch_func_grad_runs_like_torch():
+    ref, fast = twins(3, 4)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    grads = [torch.func.grad(lambda inp, m=m: m(inp)[0].square().sum())(x) for m in (ref, fast)]
+    assert_close(grads[1], grads[0], 1e-12, "torch.func.grad")

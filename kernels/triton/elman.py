@@ -46,7 +46,7 @@ def _tanh(z):
 @triton.jit
 def _activate(z, RELU: tl.constexpr):
     if RELU:
-        return tl.maximum(z, 0.0)
+        return tl.where(z < 0, 0.0, z)  # not tl.maximum: it drops NaN like torch.relu must not
     else:
         return _tanh(z)
 

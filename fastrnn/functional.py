@@ -1,6 +1,4 @@
 """Functional Elman RNN: one fused layer (:func:`elman`) and the layer stack behind ``fastrnn.RNN``."""
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -101,7 +99,7 @@ def stack(x, hx, weights, *, num_layers, bidirectional, dropout, training, relu,
         w_hh = _stack([p[1] for p in directions])
         bias = _stack([p[2] + p[3] for p in directions]) if per_dir == 4 else None
         h0 = hx[index * n_dir:(index + 1) * n_dir]
-        with contextlib.nullcontext() if torch.compiler.is_compiling() else ops.profiler_label(f"fastrnn.layer{index}"):
+        with ops.profiler_label(f"fastrnn.layer{index}"):
             x, h_n = layer(x, h0, w_ih, w_hh, bias, lengths, relu, backend)
         finals.append(h_n)
         if dropout and training and index < num_layers - 1:

@@ -134,19 +134,28 @@ def _live_rows(lengths, b0, rows, step, descending):
     return live
 
 
-@njit(**_JIT)
-def _fwd_task(proj, w_hh_t, h0, lengths, relu, fast_tanh, d, b0, rows, use_blas, out, h_n):
-    """The whole forward time loop of one direction for batch rows [b0, b0 + rows)."""
-    seq_len, _, _, hidden = proj.shape
-    h = np.empty((rows, hidden), proj.dtype)
-    acc = np.empty((rows, hidden), proj.dtype)
+@njit(inline="always", **_JIT)
+def _start_rows(state_in, lengths, d, b0, rows, padded_out, state):
+    """Load each row's starting state, zero its steps past the length in ``padded_out``, and
+    return the longest length among the rows."""
+    seq_len = padded_out.shape[0]
     longest = 0
     for i in range(rows):
         length = lengths[b0 + i]
         longest = max(longest, length)
-        h[i, :] = h0[d, b0 + i, :]
+        state[i, :] = state_in[d, b0 + i, :]
         for t in range(length, seq_len):
-            out[t, b0 + i, d, :] = 0.0
+            padded_out[t, b0 + i, d, :] = 0.0
+    return longest
+
+
+@njit(**_JIT)
+def _fwd_task(proj, w_hh_t, h0, lengths, relu, fast_tanh, d, b0, rows, use_blas, out, h_n):
+    """The whole forward time loop of one direction for batch rows [b0, b0 + rows)."""
+    hidden = proj.shape[3]
+    h = np.empty((rows, hidden), proj.dtype)
+    acc = np.empty((rows, hidden), proj.dtype)
+    longest = _start_rows(h0, lengths, d, b0, rows, out, h)
     w = w_hh_t[d]
     descending = _is_descending(lengths, b0, rows)
     for step in range(longest):
@@ -169,17 +178,11 @@ def _fwd_task(proj, w_hh_t, h0, lengths, relu, fast_tanh, d, b0, rows, use_blas,
 @njit(**_JIT)
 def _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, rows, use_blas, grad_pre, grad_h0):
     """The whole reverse-time loop of one direction for batch rows [b0, b0 + rows)."""
-    seq_len, _, _, hidden = out.shape
+    hidden = out.shape[3]
     dh = np.empty((rows, hidden), out.dtype)
     dz = np.zeros((rows, hidden), out.dtype)
     dh_prev = np.empty((rows, hidden), out.dtype)
-    longest = 0
-    for i in range(rows):
-        length = lengths[b0 + i]
-        longest = max(longest, length)
-        dh[i, :] = grad_hn[d, b0 + i, :]
-        for t in range(length, seq_len):
-            grad_pre[t, b0 + i, d, :] = 0.0
+    longest = _start_rows(grad_hn, lengths, d, b0, rows, grad_pre, dh)
     w = w_hh[d]
     descending = _is_descending(lengths, b0, rows)
     for step in range(longest - 1, -1, -1):

@@ -46,24 +46,24 @@ def elman(x, h0, w_ih, w_hh, bias=None, *, lengths=None, nonlinearity="tanh", ba
         lengths = torch.full((batch,), seq_len, dtype=torch.int64)
     elif lengths.shape != (batch,) or (batch and (int(lengths.min()) < 0 or int(lengths.max()) > seq_len)):
         raise ValueError(f"lengths must have shape ({batch},) with values in [0, {seq_len}]")
-    output, h_n = layer(x, h0, w_ih, w_hh, bias, lengths, nonlinearity == "relu", backends.resolve(backend, x.device, x.dtype))
+    backend = backends.resolve(backend, x.device, x.dtype)
+    _check_like(x, (("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("bias", bias)))
+    lengths = lengths.to(device=x.device, dtype=torch.int64)
+    if backend == "torch":
+        output, h_n = reference.elman(x, h0, w_ih, w_hh, bias, lengths, nonlinearity == "relu")
+    else:
+        per_direction = [(w_ih[d], w_hh[d]) + (() if bias is None else (bias[d],)) for d in range(n_dir)]
+        weights = [w for group in per_direction for w in group]
+        output, h_n = ops.rnn(x, h0, weights, [], lengths, 1, nonlinearity == "relu", backend)
     return (output.transpose(0, 1) if batch_first else output), h_n
 
 
-def layer(x, h0, w_ih, w_hh, bias, lengths, relu, backend):
-    """Checked arguments in, one layer out: the fused custom op or the reference loop."""
-    for name, t in (("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("bias", bias)):
+def _check_like(x, named_tensors):
+    for name, t in named_tensors:
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise RuntimeError(
                 f"{name} is {t.dtype} on {t.device} but input is {x.dtype} on {x.device}: they must match"
             )
-    lengths = lengths.to(device=x.device, dtype=torch.int64)
-    if backend == "torch":
-        return reference.elman(x, h0, w_ih, w_hh, bias, lengths, relu)
-    return ops.elman(
-        x.contiguous(), h0.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
-        None if bias is None else bias.contiguous(), lengths, relu, backend,
-    )
 
 
 def packed_to_padded(data, batch_sizes):
@@ -81,39 +81,25 @@ def packed_to_padded(data, batch_sizes):
     return padded, lengths, index
 
 
-def stack(x, hx, weights, *, num_layers, bidirectional, dropout, training, relu, lengths, packed_index, backend):
+def stack(x, hx, weights, *, num_layers, dropout, training, relu, lengths, packed_index, backend):
     """The multi-layer, optionally bidirectional RNN of ``torch.nn.RNN`` on padded input.
 
     ``weights`` holds, per layer and direction, (w_ih, w_hh, b_ih, b_hh) or (w_ih, w_hh), in
-    ``nn.RNN``'s order. Dropout between layers is applied to the same tensor shape torch uses
-    (the packed data when ``packed_index`` is given), so ``torch.manual_seed`` gives torch's masks.
+    ``nn.RNN``'s order. Dropout masks between layers are drawn as ``F.dropout`` draws them, on the
+    shape torch uses (the packed data when ``packed_index`` is given), so ``torch.manual_seed``
+    gives torch's masks.
     """
-    n_dir = 2 if bidirectional else 1
-    per_layer = len(weights) // num_layers
-    finals = []
-    for index in range(num_layers):
-        group = weights[index * per_layer:(index + 1) * per_layer]
-        per_dir = per_layer // n_dir
-        directions = [group[d * per_dir:(d + 1) * per_dir] for d in range(n_dir)]
-        w_ih = _stack([p[0] for p in directions])
-        w_hh = _stack([p[1] for p in directions])
-        bias = _stack([p[2] + p[3] for p in directions]) if per_dir == 4 else None
-        h0 = hx[index * n_dir:(index + 1) * n_dir]
-        with ops.profiler_label(f"fastrnn.layer{index}"):
-            x, h_n = layer(x, h0, w_ih, w_hh, bias, lengths, relu, backend)
-        finals.append(h_n)
-        if dropout and training and index < num_layers - 1:
-            x = _dropout_like_torch(x, dropout, packed_index)
-    return x, torch.cat(finals)
+    _check_like(x, (("hx", hx), *((f"weight {i}", w) for i, w in enumerate(weights))))
+    masks = []
+    if dropout and training:
+        shape = (x.shape[0], x.shape[1], hx.shape[0] // num_layers * hx.shape[2])
+        masks = [_dropout_mask(x.new_ones(shape), dropout, packed_index) for _ in range(num_layers - 1)]
+    return ops.rnn(x, hx, weights, masks, lengths.to(x.device), num_layers, relu, backend)
 
 
-def _stack(tensors):
-    # A view for one direction: saved weights then share the parameters' storage.
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
-
-
-def _dropout_like_torch(x, p, packed_index):
-    if packed_index is None:
-        return F.dropout(x, p, training=True)
-    kept = F.dropout(x[packed_index], p, training=True)
-    return torch.zeros_like(x).index_put(packed_index, kept)
+def _dropout_mask(ones, p, packed_index):
+    """F.dropout of ones: the scaled keep-mask F.dropout would apply, from the same RNG draws."""
+    with torch.no_grad():
+        if packed_index is None:
+            return F.dropout(ones, p, training=True)
+        return torch.zeros_like(ones).index_put(packed_index, F.dropout(ones[packed_index], p, training=True))

@@ -25,10 +25,11 @@ class RNN(nn.RNN):
         self.backend = backend
 
     def forward(self, input, hx=None):
-        backend = backends.resolve(getattr(self, "backend", None), _data(input).device, _data(input).dtype)
+        data = input.data if isinstance(input, PackedSequence) else input
+        backend = backends.resolve(getattr(self, "backend", None), data.device, data.dtype)
         if backend == "torch":
             return super().forward(input, hx)
-        self._update_flat_weights()
+        # The weights are read by name below, so nn.RNN's _flat_weights refresh is not needed.
         n_dir = 2 if self.bidirectional else 1
         packed = isinstance(input, PackedSequence)
         if packed:
@@ -65,7 +66,7 @@ class RNN(nn.RNN):
         weights = [getattr(self, name) for name in self._flat_weights_names]
         output, h_n = functional.stack(
             x, hx, weights,
-            num_layers=self.num_layers, bidirectional=self.bidirectional, dropout=self.dropout,
+            num_layers=self.num_layers, dropout=self.dropout,
             training=self.training, relu=self.nonlinearity == "relu", lengths=lengths,
             packed_index=packed_index, backend=backend,
         )
@@ -92,7 +93,3 @@ def _let_dynamo_trace_rnn_subclasses():
 
 
 _let_dynamo_trace_rnn_subclasses()
-
-
-def _data(input):
-    return input.data if isinstance(input, PackedSequence) else input

@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Triton kernels run on CPU tensors through the interpreter when there is no GPU; this must be
@@ -8,3 +9,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(params=["whole-layer", "split"])
+def layer_kernels(request, monkeypatch):
+    """Run a test twice on Numba: small layers as one whole-layer call, and every layer split into
+    torch GEMMs around the recurrence kernel (the path large layers take)."""
+    if request.param == "split":
+        from fastrnn import backends
+
+        monkeypatch.setattr(backends.kernels("numba"), "_SMALL_LAYER_MACS", -1)
+    return request.param

@@ -45,8 +45,10 @@ def test_env_var_selects_what_runs(monkeypatch, backend):
     monkeypatch.setenv(backends.ENV_VAR, backend)
     ref, fast = twins(3, 4)
     calls = []
-    original = backends.kernels("numba").elman_forward
-    monkeypatch.setattr(backends.kernels("numba"), "elman_forward", lambda *a: calls.append(1) or original(*a))
+    kernels = backends.kernels("numba")
+    for name in ("elman_forward", "layer_forward"):  # small layers take the whole-layer kernel
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, original=original: calls.append(1) or original(*a))
     compare(ref, fast, torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True))
     assert bool(calls) == (backend == "numba")
 

@@ -118,8 +118,8 @@ def test_compiled_kernels_are_cached_on_disk_and_reused(tmp_path):
 
 def test_warm_up_compiles_every_kernel_for_both_dtypes():
     kernels.warm_up()
-    for kernel in (kernels._elman_fwd_kernel, kernels._elman_fwd_serial_kernel,
-                   kernels._elman_bwd_kernel, kernels._elman_bwd_serial_kernel):
+    for kernel in (kernels._elman_fwd_kernel, kernels._elman_fwd_serial_kernel, kernels._layer_fwd_kernel,
+                   kernels._elman_bwd_kernel, kernels._elman_bwd_serial_kernel, kernels._layer_bwd_kernel):
         dtypes = {str(signature[0].dtype) for signature in kernel.signatures}
         assert dtypes == {"float32", "float64"}, f"{kernel.__name__}: {dtypes}"
 

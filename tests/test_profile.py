@@ -37,9 +37,9 @@ def test_cli_writes_trace_and_table(tmp_path):
     ops = (out / "ops.txt").read_text()
     assert "Self CPU" in ops and "Self CPU" in proc.stdout
     if FUSED_ON_CPU:
-        assert any(n.startswith("fastrnn::elman_fwd") for n in names)
-        assert any(n.startswith("fastrnn::elman_bwd") for n in names)
-        assert "fastrnn::elman_fwd" in ops
+        assert any(n.startswith("fastrnn::rnn_fwd") for n in names)
+        assert any(n.startswith("fastrnn::rnn_bwd") for n in names)
+        assert "fastrnn::rnn_fwd" in ops
 
 
 def test_context_manager_exports_on_exit(tmp_path):

@@ -7,6 +7,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_s
 
 from helpers import assert_close, compare, tolerance, twins
 
+pytestmark = pytest.mark.usefixtures("layer_kernels")
+
 OPTIONS = list(itertools.product(["tanh", "relu"], [True, False], [False, True], [1, 3], [False, True], [False, True]))
 
 

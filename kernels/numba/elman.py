@@ -8,7 +8,6 @@ kernels only carry the sequential part. Layouts follow CONTRACTS.md.
 import contextlib
 import ctypes
 import glob
-import math
 import os
 import threading
 
@@ -17,6 +16,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .fast_tanh import tanh_float32, tanh_float64
+
 # Keeps NaN/inf semantics (no "nnan"/"ninf") while letting LLVM vectorise and contract.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _JIT = dict(fastmath=_FASTMATH, nogil=True, cache=True)
@@ -24,17 +25,9 @@ _JIT = dict(fastmath=_FASTMATH, nogil=True, cache=True)
 # of W_hh, which it redoes on every call; below that the hand loop wins (measured on Zen 4).
 _BLAS_MIN_ROWS = 64
 _BLAS_MIN_HIDDEN = 512
-
-# float32 tanh as x * P(x^2) / Q(x^2) on [-c, c], fitted for this project (max abs error 3.3e-7,
-# relative 2.8e-7 in float32 arithmetic). Unlike libm's tanhf it vectorises; float64 keeps
-# math.tanh.
-_TANH_CLAMP = np.float32(7.90531110763549805)
-_TANH_P = tuple(np.float32(c) for c in (
-    0.9999999221447464, 0.1298079984097228, 0.002987740520506569,
-    9.900016666518573e-06, -1.4788625550028422e-08, 2.379562957996432e-11,
-))
-_TANH_Q = tuple(np.float32(c) for c in (1.0, 0.46314102049974815, 0.024035111828076185, 0.0002374897469839997))
-
+# Whole-layer kernels run on one thread; up to this many multiply-adds per layer (T·B·D·H·(I+H))
+# the torch ops they replace cost more than a second thread saves (measured on Zen 4).
+_SMALL_LAYER_MACS = 1 << 21
 
 @njit(inline="always", **_JIT)
 def _rows_times_four(a, w, out, i, k):
@@ -91,23 +84,10 @@ def _matmul(a, w, out, use_blas):
 
 
 @njit(inline="always", **_JIT)
-def _tanh_float32(z):
-    if z != z:  # NaN in, NaN out (the clamp below would hide it)
-        return z
-    x = min(max(z, -_TANH_CLAMP), _TANH_CLAMP)
-    t = x * x
-    p0, p1, p2, p3, p4, p5 = _TANH_P
-    q0, q1, q2, q3 = _TANH_Q
-    p = ((((p5 * t + p4) * t + p3) * t + p2) * t + p1) * t + p0
-    q = ((q3 * t + q2) * t + q1) * t + q0
-    return x * p / q
-
-
-@njit(inline="always", **_JIT)
-def _activation(z, relu, fast_tanh):
+def _activation(z, relu, single):
     if relu:
         return 0.0 if z < 0.0 else z
-    return _tanh_float32(z) if fast_tanh else math.tanh(z)
+    return tanh_float32(z) if single else tanh_float64(z)
 
 
 @njit(**_JIT)
@@ -150,7 +130,7 @@ def _start_rows(state_in, lengths, d, b0, rows, padded_out, state):
 
 
 @njit(**_JIT)
-def _fwd_task(proj, w_hh_t, h0, lengths, relu, fast_tanh, d, b0, rows, use_blas, out, h_n):
+def _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, b0, rows, use_blas, out, h_n):
     """The whole forward time loop of one direction for batch rows [b0, b0 + rows)."""
     hidden = proj.shape[3]
     h = np.empty((rows, hidden), proj.dtype)
@@ -168,7 +148,7 @@ def _fwd_task(proj, w_hh_t, h0, lengths, relu, fast_tanh, d, b0, rows, use_blas,
                 t = _time_index(step, length, d)
                 for j in range(hidden):
                     z = acc[i, j] + proj[t, b, d, j]
-                    v = _activation(z, relu, fast_tanh)
+                    v = _activation(z, relu, single)
                     h[i, j] = v
                     out[t, b, d, j] = v
     for i in range(rows):
@@ -219,20 +199,31 @@ def _task_rows(task, batch, rows_per_task):
     return d, b0, min(rows_per_task, batch - b0)
 
 
+@njit(**_JIT)
+def _transposed(w_hh):
+    """w_hh[d].T for every direction, contiguous: the forward multiplies h @ W_hh^T row-wise."""
+    w_t = np.empty_like(w_hh)
+    for d in range(w_hh.shape[0]):
+        w_t[d] = w_hh[d].T
+    return w_t
+
+
 # The parallel drivers split rows across Numba's OpenMP threads; the serial ones run a single
 # task without entering an OpenMP region.
 @njit(parallel=True, **_JIT)
-def _elman_fwd_kernel(proj, w_hh_t, h0, lengths, relu, fast_tanh, rows_per_task, use_blas, out, h_n):
+def _elman_fwd_kernel(proj, w_hh, h0, lengths, relu, single, rows_per_task, use_blas, out, h_n):
     batch, n_dir = proj.shape[1], proj.shape[2]
+    w_hh_t = _transposed(w_hh)
     for task in prange(n_dir * ((batch + rows_per_task - 1) // rows_per_task)):
         d, b0, rows = _task_rows(task, batch, rows_per_task)
-        _fwd_task(proj, w_hh_t, h0, lengths, relu, fast_tanh, d, b0, rows, use_blas, out, h_n)
+        _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, b0, rows, use_blas, out, h_n)
 
 
 @njit(**_JIT)
-def _elman_fwd_serial_kernel(proj, w_hh_t, h0, lengths, relu, fast_tanh, use_blas, out, h_n):
+def _elman_fwd_serial_kernel(proj, w_hh, h0, lengths, relu, single, use_blas, out, h_n):
+    w_hh_t = _transposed(w_hh)
     for d in range(proj.shape[2]):
-        _fwd_task(proj, w_hh_t, h0, lengths, relu, fast_tanh, d, 0, proj.shape[1], use_blas, out, h_n)
+        _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, 0, proj.shape[1], use_blas, out, h_n)
 
 
 @njit(parallel=True, **_JIT)
@@ -247,6 +238,53 @@ def _elman_bwd_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, rows_per_task
 def _elman_bwd_serial_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, use_blas, grad_pre, grad_h0):
     for d in range(out.shape[2]):
         _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, 0, out.shape[1], use_blas, grad_pre, grad_h0)
+
+
+# Whole-layer kernels for small problems: the GEMMs around the recurrence run here too, so the
+# layer costs one call instead of one per torch op (each ~10 us, more than the arithmetic here).
+@njit(**_JIT)
+def _layer_fwd_kernel(x, w_ih, bias, w_hh, h0, lengths, relu, single, out, h_n):
+    seq_len, batch, n_in = x.shape
+    n_dir, hidden = w_hh.shape[0], w_hh.shape[1]
+    proj = np.empty((seq_len, batch, n_dir, hidden), x.dtype)
+    flat_proj = proj.reshape(seq_len * batch, n_dir * hidden)
+    _hand_matmul(x.reshape(seq_len * batch, n_in), np.ascontiguousarray(w_ih.reshape(n_dir * hidden, n_in).T), flat_proj)
+    if bias.size:
+        flat_proj += bias.reshape(1, n_dir * hidden)
+    _elman_fwd_serial_kernel(proj, w_hh, h0, lengths, relu, single, False, out, h_n)
+
+
+@njit(**_JIT)
+def _previous_states(out, h0, lengths, d):
+    """(T*B, H): the state each step of direction d started from (h0 at a sequence's first step)."""
+    seq_len, batch, _, hidden = out.shape
+    prev = np.zeros((seq_len, batch, hidden), out.dtype)
+    for b in range(batch):
+        for step in range(lengths[b]):
+            t = _time_index(step, lengths[b], d)
+            if step == 0:
+                prev[t, b] = h0[d, b]
+            else:
+                prev[t, b] = out[t - 1 if d == 0 else t + 1, b, d]
+    return prev.reshape(seq_len * batch, hidden)
+
+
+@njit(**_JIT)
+def _layer_bwd_kernel(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, input_grad,
+                      grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias):
+    seq_len, batch, n_in = x.shape
+    n_dir, hidden = w_hh.shape[0], w_hh.shape[1]
+    grad_pre = np.empty_like(out)
+    _elman_bwd_serial_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, False, grad_pre, grad_h0)
+    flat = grad_pre.reshape(seq_len * batch, n_dir * hidden)
+    rows = x.reshape(seq_len * batch, n_in)
+    if input_grad:
+        _hand_matmul(flat, w_ih.reshape(n_dir * hidden, n_in), grad_x.reshape(seq_len * batch, n_in))
+    flat_t = np.ascontiguousarray(flat.T)
+    _hand_matmul(flat_t, rows, grad_w_ih.reshape(n_dir * hidden, n_in))
+    grad_bias[:] = flat.sum(axis=0).reshape(n_dir, hidden)
+    for d in range(n_dir):
+        _hand_matmul(flat_t[d * hidden:(d + 1) * hidden], _previous_states(out, h0, lengths, d), grad_w_hh[d])
 
 
 def _scipy_openblas():
@@ -321,38 +359,42 @@ def _arrays(*tensors):
     return [t.detach().numpy() for t in tensors]
 
 
-def _check(proj, w_hh, lengths, **named):
-    if proj.device.type != "cpu":
-        raise RuntimeError(f"numba kernels run on CPU tensors, got {proj.device}")
-    if proj.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"numba kernels support float32 and float64, got {proj.dtype}")
+def _check(lengths, batch, **named):
+    """Device, dtype, contiguity of every tensor (named as the caller knows them) and lengths."""
+    dtype = next(iter(named.values())).dtype
+    for name, t in named.items():
+        if not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
+            if not t.is_cpu:
+                raise RuntimeError(f"numba kernels run on CPU tensors, got {name} on {t.device}")
+            if t.dtype != dtype:
+                raise TypeError(f"numba kernels need tensors of one dtype, got {name} {t.dtype}, not {dtype}")
+            raise ValueError(f"{name} must be contiguous")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"numba kernels support float32 and float64, got {dtype}")
+    if lengths.dtype != torch.int64 or lengths.shape != (batch,):
+        raise ValueError(f"lengths must be int64 of shape ({batch},), got {lengths.dtype} {tuple(lengths.shape)}")
+
+
+def _check_recurrence(proj, w_hh, lengths, **named):
     if proj.dim() != 4 or w_hh.shape != (proj.shape[2], proj.shape[3], proj.shape[3]):
         raise ValueError(f"expected proj (T, B, D, H) and w_hh (D, H, H), got {tuple(proj.shape)} and {tuple(w_hh.shape)}")
-    if lengths.dtype != torch.int64 or lengths.shape != (proj.shape[1],):
-        raise ValueError(f"lengths must be int64 of shape (B,), got {lengths.dtype} {tuple(lengths.shape)}")
-    for name, t in dict(proj=proj, w_hh=w_hh, **named).items():
-        if t.dtype != proj.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected {proj.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    _check(lengths, proj.shape[1], proj=proj, w_hh=w_hh, **named)
 
 
 def elman_forward(proj, w_hh, h0, lengths, relu):
     """Run the recurrence; returns out (T, B, D, H), zero past each length, and h_n (D, B, H)."""
-    _check(proj, w_hh, lengths, h0=h0)
+    _check_recurrence(proj, w_hh, lengths, h0=h0)
     _, batch, n_dir, _ = proj.shape
     out = torch.empty_like(proj)
     h_n = torch.empty_like(h0)
-    w_hh_t = w_hh.transpose(1, 2).contiguous()
-    inputs, outputs = _arrays(proj, w_hh_t, h0, lengths), _arrays(out, h_n)
-    args = (*inputs, bool(relu), proj.dtype == torch.float32)
-    _launch(_elman_fwd_kernel, _elman_fwd_serial_kernel, args, outputs, batch, n_dir, proj.shape[3])
+    args = (*_arrays(proj, w_hh, h0, lengths), bool(relu), proj.dtype == torch.float32)
+    _launch(_elman_fwd_kernel, _elman_fwd_serial_kernel, args, _arrays(out, h_n), batch, n_dir, proj.shape[3])
     return out, h_n
 
 
 def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu):
     """Reverse recurrence; returns grad_pre (T, B, D, H) = dLoss/dz, and grad_h0 (D, B, H)."""
-    _check(out, w_hh, lengths, grad_out=grad_out, grad_hn=grad_hn)
+    _check_recurrence(out, w_hh, lengths, grad_out=grad_out, grad_hn=grad_hn)
     _, batch, n_dir, _ = out.shape
     grad_pre = torch.empty_like(out)
     grad_h0 = torch.empty_like(grad_hn)
@@ -361,16 +403,67 @@ def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu):
     return grad_pre, grad_h0
 
 
+def _is_small(x, w_hh):
+    seq_len, batch, n_in = x.shape
+    n_dir, hidden, _ = w_hh.shape
+    return seq_len * batch * n_dir * hidden * (n_in + hidden) <= _SMALL_LAYER_MACS
+
+
+def _check_layer_shapes(x, w_ih, w_hh, h0):
+    n_dir, hidden, _ = w_hh.shape
+    if w_ih.shape != (n_dir, hidden, x.shape[2]) or h0.shape != (n_dir, x.shape[1], hidden):
+        raise ValueError(
+            f"expected x (T, B, I), w_ih (D, H, I), w_hh (D, H, H), h0 (D, B, H), got {tuple(x.shape)}, "
+            f"{tuple(w_ih.shape)}, {tuple(w_hh.shape)}, {tuple(h0.shape)}"
+        )
+
+
+def _bias_array(bias, like):
+    return np.empty((0, 0), like.dtype) if bias is None else bias.detach().numpy()
+
+
+def layer_forward(x, w_ih, bias, w_hh, h0, lengths, relu):
+    """The whole layer (projection and recurrence) in one call: (out (T, B, D, H), h_n), or None
+    when the layer is large enough that the caller's multi-threaded GEMMs are faster."""
+    if not _is_small(x, w_hh):
+        return None
+    _check_layer_shapes(x, w_ih, w_hh, h0)
+    _check(lengths, x.shape[1], x=x, w_ih=w_ih, w_hh=w_hh, h0=h0, **({} if bias is None else {"bias": bias}))
+    out = x.new_empty(x.shape[0], x.shape[1], w_hh.shape[0], w_hh.shape[1])
+    h_n = torch.empty_like(h0)
+    x_a, w_ih_a, w_hh_a, h0_a, lengths_a = _arrays(x, w_ih, w_hh, h0, lengths)
+    _layer_fwd_kernel(x_a, w_ih_a, _bias_array(bias, x_a), w_hh_a, h0_a, lengths_a, bool(relu),
+                      x.dtype == torch.float32, *_arrays(out, h_n))
+    return out, h_n
+
+
+def layer_backward(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, input_grad):
+    """Every gradient of a layer in one call: (x or None, h0, w_ih, w_hh, bias (D, H)), or None
+    exactly where :func:`layer_forward` returns None. ``out`` is (T, B, D, H)."""
+    if not _is_small(x, w_hh):
+        return None
+    _check_layer_shapes(x, w_ih, w_hh, h0)
+    _check(lengths, x.shape[1], grad_out=grad_out, grad_hn=grad_hn, x=x, w_ih=w_ih, w_hh=w_hh, out=out, h0=h0)
+    grads = (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
+             w_hh.new_empty(w_hh.shape[:2]))
+    _layer_bwd_kernel(*_arrays(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths), bool(relu), bool(input_grad),
+                      *_arrays(*grads))
+    return (grads[0] if input_grad else None, *grads[1:])
+
+
 def warm_up():
     """Compile (or load from Numba's cache) every kernel variant for float32 and float64, so that a
     first call in a later process only loads them. ``python -m fastrnn.kernels.numba.elman``."""
     for dtype in (torch.float32, torch.float64):
+        x, w, h0 = torch.zeros(2, 1, 4, dtype=dtype), torch.zeros(1, 4, 4, dtype=dtype), torch.zeros(1, 1, 4, dtype=dtype)
+        out, h_n = layer_forward(x, w, None, w, h0, torch.full((1,), 2), False)
+        layer_backward(out, h_n, x, w, w, out, h0, torch.full((1,), 2), False, True)
         for batch, use_blas in ((1, False), (2, False), (2, True)):
             proj = torch.zeros(2, batch, 1, 4, dtype=dtype)
-            w_hh, h0, lengths = torch.zeros(1, 4, 4, dtype=dtype), torch.zeros(1, batch, 4, dtype=dtype), torch.full((batch,), 2)
+            h0, lengths = torch.zeros(1, batch, 4, dtype=dtype), torch.full((batch,), 2)
             out, h_n = torch.empty_like(proj), torch.empty_like(h0)
-            fwd = (*_arrays(proj, w_hh, h0, lengths), False, dtype == torch.float32)
-            bwd = (*_arrays(out, h0, out, w_hh, lengths), False)
+            fwd = (*_arrays(proj, w, h0, lengths), False, dtype == torch.float32)
+            bwd = (*_arrays(out, h0, out, w, lengths), False)
             with _single_threaded_blas() if use_blas and _OPENBLAS is not None else contextlib.nullcontext():
                 if batch == 1:
                     _elman_fwd_serial_kernel(*fwd, use_blas, *_arrays(out, h_n))

@@ -458,3 +458,13 @@ def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu, *, allow_tf32=No
         RELU=bool(relu), **meta,
     )
     return grad_pre, grad_h0
+
+
+def layer_forward(x, w_ih, bias, w_hh, h0, lengths, relu):
+    """No whole-layer kernel on GPU: the caller's cuBLAS GEMMs feed :func:`elman_forward`."""
+    return None
+
+
+def layer_backward(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, input_grad):
+    """No whole-layer kernel on GPU: the caller's cuBLAS GEMMs consume :func:`elman_backward`."""
+    return None

@@ -42,10 +42,13 @@ def elman(x, h0, w_ih, w_hh, bias=None, *, lengths=None, nonlinearity="tanh", ba
         h0 = x.new_zeros(n_dir, batch, hidden)
     elif h0.shape != (n_dir, batch, hidden):
         raise RuntimeError(f"Expected hidden size {(n_dir, batch, hidden)}, got {list(h0.shape)}")
+    valid_rows = None
     if lengths is None:
         lengths = torch.full((batch,), seq_len, dtype=torch.int64)
     elif lengths.shape != (batch,) or (batch and (int(lengths.min()) < 0 or int(lengths.max()) > seq_len)):
         raise ValueError(f"lengths must have shape ({batch},) with values in [0, {seq_len}]")
+    elif batch and int(lengths.min()) < seq_len:
+        valid_rows = valid_rows_of(lengths.to(x.device), seq_len)
     backend = backends.resolve(backend, x.device, x.dtype)
     _check_like(x, (("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("bias", bias)))
     lengths = lengths.to(device=x.device, dtype=torch.int64)
@@ -54,8 +57,15 @@ def elman(x, h0, w_ih, w_hh, bias=None, *, lengths=None, nonlinearity="tanh", ba
     else:
         per_direction = [(w_ih[d], w_hh[d]) + (() if bias is None else (bias[d],)) for d in range(n_dir)]
         weights = [w for group in per_direction for w in group]
-        output, h_n = ops.rnn(x, h0, weights, [], lengths, 1, nonlinearity == "relu", backend)
+        output, h_n = ops.rnn(x, h0, weights, [], lengths, valid_rows, 1, nonlinearity == "relu", backend)
     return (output.transpose(0, 1) if batch_first else output), h_n
+
+
+def valid_rows_of(lengths, seq_len):
+    """Flat indices t * B + b of the valid steps (t < lengths[b]) of a (T, B, ...) batch, ascending
+    (the order of a PackedSequence's data), so that GEMMs can skip the padding."""
+    steps = torch.arange(seq_len, device=lengths.device)
+    return (steps[:, None] < lengths[None, :]).reshape(-1).nonzero().squeeze(1)
 
 
 def _check_like(x, named_tensors):
@@ -94,7 +104,9 @@ def stack(x, hx, weights, *, num_layers, dropout, training, relu, lengths, packe
     if dropout and training:
         shape = (x.shape[0], x.shape[1], hx.shape[0] // num_layers * hx.shape[2])
         masks = [_dropout_mask(x.new_ones(shape), dropout, packed_index) for _ in range(num_layers - 1)]
-    return ops.rnn(x, hx, weights, masks, lengths.to(x.device), num_layers, relu, backend)
+    lengths = lengths.to(x.device)
+    valid_rows = None if packed_index is None else valid_rows_of(lengths, x.shape[0])
+    return ops.rnn(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend)
 
 
 def _dropout_mask(ones, p, packed_index):

@@ -7,10 +7,12 @@ skips the custom-op dispatch (tens of microseconds a call, the whole budget of a
 One node for the whole stack, rather than one per layer, also keeps weight stacking, bias sums
 and inter-layer dropout out of the autograd graph: they cost more than the kernels at small sizes.
 
-Per layer, everything that is not the recurrence itself is a GEMM over all T*B rows: the input
-projection in forward, and ``dx``, ``dW_ih``, ``dW_hh`` and the bias gradient in backward.
+Per layer, everything that is not the recurrence itself is a GEMM over all T*B rows (or, with
+``valid_rows``, over the valid tokens only): the input projection in forward, and ``dx``,
+``dW_ih``, ``dW_hh`` and the bias gradient in backward.
 """
 import contextlib
+import math
 from typing import List, Optional
 
 import torch
@@ -44,48 +46,64 @@ def _stack(tensors):
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
-def _project(x, w_ih, bias):
-    """x (T, B, I) @ W_ih^T for every direction at once -> (T, B, D, H)."""
+def _project(x, w_ih, bias, valid_rows):
+    """x (T, B, I) @ W_ih^T for every direction at once -> (T, B, D, H); with ``valid_rows`` only
+    those rows are computed (the others are left unset: the kernels never read past a length)."""
     seq_len, batch, n_in = x.shape
     n_dir, hidden, _ = w_ih.shape
-    rows, weights = x.reshape(seq_len * batch, n_in), w_ih.reshape(n_dir * hidden, n_in).t()
+    rows, weights = _rows(x, valid_rows), w_ih.reshape(n_dir * hidden, n_in).t()
     proj = torch.mm(rows, weights) if bias is None else torch.addmm(bias.reshape(-1), rows, weights)
+    if valid_rows is not None:
+        proj = proj.new_empty(seq_len * batch, n_dir * hidden).index_copy_(0, valid_rows, proj)
     return proj.view(seq_len, batch, n_dir, hidden)
 
 
-def _layer_forward(x, h0, w_ih, w_hh, bias, lengths, relu, backend):
+def _rows(t, valid_rows):
+    """(T, B, ...) -> the (T*B, ...) row matrix, or just its valid rows."""
+    flat = t.reshape(t.shape[0] * t.shape[1], math.prod(t.shape[2:]))
+    return flat if valid_rows is None else flat.index_select(0, valid_rows)
+
+
+def _layer_forward(x, h0, w_ih, w_hh, bias, lengths, valid_rows, relu, backend):
     seq_len, batch, _ = x.shape
     n_dir, hidden, _ = w_hh.shape
     kernels = backends.kernels(backend)
     whole_layer = kernels.layer_forward(x, w_ih, bias, w_hh, h0, lengths, relu)
     if whole_layer is None:
-        whole_layer = kernels.elman_forward(_project(x, w_ih, bias), w_hh, h0, lengths, relu)
+        whole_layer = kernels.elman_forward(_project(x, w_ih, bias, valid_rows), w_hh, h0, lengths, relu)
     out, h_n = whole_layer
     return out.view(seq_len, batch, n_dir * hidden), h_n
 
 
-def _grad_w_hh(grad_pre, out, h0, lengths):
+def _grad_w_hh(grad_pre, out, h0, lengths, valid_rows):
     """dW_hh[d] = sum_t dz_t^T h_prev_t as two GEMMs per direction.
 
     h_prev_t is out[t-1] (direction 0) or out[t+1] (direction 1) inside a sequence, and h0 at the
     sequence's first processed step. ``out`` is zero past each length, so the shifted products
-    need no mask; only the h0 term gathers each sequence's first step.
+    need no mask; only the h0 term gathers each sequence's first step. With ``valid_rows`` the
+    shifted products pair up only the valid rows of dz.
     """
     seq_len, batch, n_dir, hidden = out.shape
     grads = []
     rows = torch.arange(batch, device=out.device)
     for d in range(n_dir):
         dz, h = grad_pre[:, :, d], out[:, :, d]
+        shift = batch if d == 0 else -batch  # flat row of h_prev, relative to dz's row
         if d == 0:
             dz_first, later, earlier = dz[0], dz[1:], h[:-1]
         else:
             dz_first, later, earlier = dz[(lengths - 1).clamp(min=0), rows], dz[:-1], h[1:]
-        grad = torch.mm(dz_first.t(), h0[d])
-        grads.append(torch.addmm(grad, later.reshape(-1, hidden).t(), earlier.reshape(-1, hidden)))
+        if valid_rows is None:
+            later, earlier = later.reshape(-1, hidden), earlier.reshape(-1, hidden)
+        else:
+            pairs = valid_rows[valid_rows >= batch] if d == 0 else valid_rows[valid_rows < (seq_len - 1) * batch]
+            later = dz.reshape(-1, hidden).index_select(0, pairs)
+            earlier = h.reshape(-1, hidden).index_select(0, pairs - shift)
+        grads.append(torch.addmm(torch.mm(dz_first.t(), h0[d]), later.t(), earlier))
     return torch.stack(grads)
 
 
-def _layer_backward(grad_out, grad_hn, x, h0, w_ih, w_hh, out, lengths, relu, backend, input_grad):
+def _layer_backward(grad_out, grad_hn, x, h0, w_ih, w_hh, out, lengths, valid_rows, relu, backend, input_grad):
     """Gradients of one layer: (x or None, h0, w_ih, w_hh, bias), weights stacked (D, ...)."""
     seq_len, batch, n_in = x.shape
     n_dir, hidden, _ = w_hh.shape
@@ -96,11 +114,16 @@ def _layer_backward(grad_out, grad_hn, x, h0, w_ih, w_hh, out, lengths, relu, ba
     if whole_layer is not None:
         return whole_layer
     grad_pre, grad_h0 = kernels.elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu)
-    flat = grad_pre.view(seq_len * batch, n_dir * hidden)
-    grad_x = torch.mm(flat, w_ih.reshape(n_dir * hidden, n_in)).view(x.shape) if input_grad else None
-    grad_w_ih = torch.mm(flat.t(), x.reshape(seq_len * batch, n_in)).view(w_ih.shape)
+    flat = _rows(grad_pre, valid_rows)
+    grad_x = None
+    if input_grad:
+        grad_x = torch.mm(flat, w_ih.reshape(n_dir * hidden, n_in))
+        if valid_rows is not None:
+            grad_x = grad_x.new_zeros(seq_len * batch, n_in).index_copy_(0, valid_rows, grad_x)
+        grad_x = grad_x.view(x.shape)
+    grad_w_ih = torch.mm(flat.t(), _rows(x, valid_rows)).view(w_ih.shape)
     grad_bias = flat.sum(0).view(n_dir, hidden)
-    return grad_x, grad_h0, grad_w_ih, _grad_w_hh(grad_pre, out, h0, lengths), grad_bias
+    return grad_x, grad_h0, grad_w_ih, _grad_w_hh(grad_pre, out, h0, lengths, valid_rows), grad_bias
 
 
 def _layer_input(x, outputs, masks, index):
@@ -116,6 +139,7 @@ def _forward(
     weights: List[Tensor],
     masks: List[Tensor],
     lengths: Tensor,
+    valid_rows: Optional[Tensor],
     num_layers: int,
     relu: bool,
     backend: str,
@@ -129,7 +153,7 @@ def _forward(
             with profiler_label(f"fastrnn.layer{index}"):
                 out, h_n = _layer_forward(
                     _layer_input(x, outputs, masks, index), hx[index * n_dir:(index + 1) * n_dir],
-                    w_ih, w_hh, bias, lengths, relu, backend,
+                    w_ih, w_hh, bias, lengths, valid_rows, relu, backend,
                 )
             outputs.append(out)
             finals.append(h_n)
@@ -145,6 +169,7 @@ def _backward(
     weights: List[Tensor],
     masks: List[Tensor],
     lengths: Tensor,
+    valid_rows: Optional[Tensor],
     output: Tensor,
     inner: List[Tensor],
     num_layers: int,
@@ -166,7 +191,7 @@ def _backward(
             with profiler_label(f"fastrnn.layer{index}"):
                 grad_in, grad_hx[index], *grads = _layer_backward(
                     grad_layer_out, grad_hn[states], _layer_input(x, outputs, masks, index), hx[states],
-                    w_ih, w_hh, outputs[index], lengths, relu, backend, input_grad or index > 0,
+                    w_ih, w_hh, outputs[index], lengths, valid_rows, relu, backend, input_grad or index > 0,
                 )
             first = index * n_dir * per_dir
             for d in range(n_dir):
@@ -181,7 +206,7 @@ rnn_fwd = torch.library.custom_op("fastrnn::rnn_fwd", _forward, mutates_args=())
 
 
 @rnn_fwd.register_fake
-def _(x, hx, weights, masks, lengths, num_layers, relu, backend):
+def _(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend):
     n_dir = hx.shape[0] // num_layers
     layer_out = lambda: x.new_empty(x.shape[0], x.shape[1], n_dir * hx.shape[2])  # noqa: E731
     return layer_out(), hx.new_empty(hx.shape), [layer_out() for _ in range(num_layers - 1)]
@@ -195,6 +220,7 @@ def _backward_op(
     weights: List[Tensor],
     masks: List[Tensor],
     lengths: Tensor,
+    valid_rows: Optional[Tensor],
     output: Tensor,
     inner: List[Tensor],
     num_layers: int,
@@ -202,7 +228,7 @@ def _backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, List[Tensor]]:
     grad_x, grad_hx, grad_weights = _backward(
-        grad_out, grad_hn, x, hx, weights, masks, lengths, output, inner, num_layers, relu, backend, True
+        grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, output, inner, num_layers, relu, backend, True
     )
     # A custom op's outputs may not alias each other; b_ih and b_hh share one gradient, and the
     # directions' gradients are views of one stacked tensor.
@@ -213,33 +239,36 @@ rnn_bwd = torch.library.custom_op("fastrnn::rnn_bwd", _backward_op, mutates_args
 
 
 @rnn_bwd.register_fake
-def _(grad_out, grad_hn, x, hx, weights, masks, lengths, output, inner, num_layers, relu, backend):
+def _(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, output, inner, num_layers, relu, backend):
     return torch.empty_like(x), torch.empty_like(hx), [torch.empty_like(w) for w in weights]
 
 
 def _setup_context(ctx, inputs, output):
-    x, hx, weights, masks, lengths, num_layers, relu, backend = inputs
+    x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend = inputs
     output, _, inner = output
     # Weights are saved as the parameters themselves (stacked copies are remade in backward), and
     # deeper layers' inputs are remade from the previous output and its dropout mask.
-    ctx.save_for_backward(x, hx, lengths, output, *weights, *masks, *inner)
-    ctx.counts = (len(weights), len(masks))
+    rows = () if valid_rows is None else (valid_rows,)
+    ctx.save_for_backward(x, hx, lengths, output, *weights, *masks, *inner, *rows)
+    ctx.counts = (len(weights), len(masks), len(rows))
     ctx.config = (num_layers, relu, backend)
 
 
 def _saved_arguments(ctx, grad_out, grad_hn):
     """The arguments of :func:`_backward` (less ``input_grad``) from what forward saved."""
     x, hx, lengths, output, *rest = ctx.saved_tensors
-    n_weights, n_masks = ctx.counts
-    weights, masks, inner = rest[:n_weights], rest[n_weights:n_weights + n_masks], rest[n_weights + n_masks:]
+    n_weights, n_masks, n_rows = ctx.counts
+    weights, masks = rest[:n_weights], rest[n_weights:n_weights + n_masks]
+    inner = rest[n_weights + n_masks:len(rest) - n_rows]
+    valid_rows = rest[-1] if n_rows else None
     grad_out = torch.zeros_like(output) if grad_out is None else grad_out
     grad_hn = torch.zeros_like(hx) if grad_hn is None else grad_hn
-    return (grad_out, grad_hn, x, hx, weights, masks, lengths, output, inner, *ctx.config)
+    return (grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, output, inner, *ctx.config)
 
 
 def _op_gradients(ctx, grad_out, grad_hn, grad_inner):
     grad_x, grad_hx, grad_weights = rnn_bwd(*_saved_arguments(ctx, grad_out, grad_hn))
-    return grad_x, grad_hx, grad_weights, [None] * ctx.counts[1], None, None, None, None
+    return grad_x, grad_hx, grad_weights, [None] * ctx.counts[1], None, None, None, None, None
 
 
 rnn_fwd.register_autograd(_op_gradients, setup_context=_setup_context)
@@ -247,9 +276,9 @@ rnn_fwd.register_autograd(_op_gradients, setup_context=_setup_context)
 
 class _EagerRNN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, hx, lengths, masks, config, *weights):
-        output = _forward(x, hx, list(weights), masks, lengths, *config)
-        _setup_context(ctx, (x, hx, weights, masks, lengths, *config), output)
+    def forward(ctx, x, hx, lengths, valid_rows, masks, config, *weights):
+        output = _forward(x, hx, list(weights), masks, lengths, valid_rows, *config)
+        _setup_context(ctx, (x, hx, weights, masks, lengths, valid_rows, *config), output)
         return output[:2]
 
     @staticmethod
@@ -261,22 +290,23 @@ class _EagerRNN(torch.autograd.Function):
             grad_x, grad_hx, grad_weights = rnn_bwd(*arguments)
         else:
             grad_x, grad_hx, grad_weights = _backward(*arguments, ctx.needs_input_grad[0])
-        return grad_x, grad_hx, None, None, None, *grad_weights
+        return grad_x, grad_hx, None, None, None, None, *grad_weights
 
 
-def rnn(x, hx, weights, masks, lengths, num_layers, relu, backend):
+def rnn(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend):
     """The fused stack of ``nn.RNN`` on padded input; returns (output (T, B, D*H), h_n (L*D, B, H)).
 
     x (T, B, I); hx (L*D, B, H); weights as ``nn.RNN._flat_weights`` (per direction w_ih, w_hh and
     zero, one or two biases, which are summed); masks: the L-1 dropout masks (already scaled) applied
-    to each layer's output before the next, or []; lengths (B,) int64 on x's device.
+    to each layer's output before the next, or []; lengths (B,) int64 on x's device; valid_rows:
+    the flat indices t*B + b with t < lengths[b] (ascending), so that the GEMMs skip padding, or None.
     """
     x, hx, weights = x.contiguous(), hx.contiguous(), [w.contiguous() for w in weights]
     if torch.compiler.is_compiling():
-        output, h_n, _ = rnn_fwd(x, hx, weights, masks, lengths, num_layers, relu, backend)
+        output, h_n, _ = rnn_fwd(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend)
         return output, h_n
     if torch.is_grad_enabled() and (x.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights)):
-        return _EagerRNN.apply(x, hx, lengths, masks, (num_layers, relu, backend), *weights)
+        return _EagerRNN.apply(x, hx, lengths, valid_rows, masks, (num_layers, relu, backend), *weights)
     # Nothing to differentiate: skip the autograd.Function (about 20 us, a fifth of a small call).
-    output, h_n, _ = _forward(x, hx, weights, masks, lengths, num_layers, relu, backend)
+    output, h_n, _ = _forward(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend)
     return output, h_n

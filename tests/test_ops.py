@@ -17,7 +17,7 @@ def _layer_inputs(T=4, B=3, I=2, H=3, D=2, dtype=F64, bias=True, requires_grad=T
     return make(T, B, I), make(D, B, H), make(D, H, I), make(D, H, H), make(D, H) if bias else None
 
 
-def _stack_inputs(L=2, D=2, T=4, B=3, I=2, H=3, biases=2, dropout=True):
+def _stack_inputs(L=2, D=2, T=4, B=3, I=2, H=3, biases=2, dropout=True, skip_padding=True):
     """Arguments of fastrnn::rnn_fwd for an L-layer stack with fixed dropout masks."""
     g = torch.Generator().manual_seed(0)
     make = lambda *shape: (torch.randn(*shape, generator=g, dtype=F64) * 0.5).requires_grad_()  # noqa: E731
@@ -26,20 +26,24 @@ def _stack_inputs(L=2, D=2, T=4, B=3, I=2, H=3, biases=2, dropout=True):
         for _ in range(D):
             weights += [make(H, I if layer == 0 else D * H), make(H, H)] + [make(H) for _ in range(biases)]
     masks = [(torch.rand(T, B, D * H, generator=g) > 0.3).to(F64) / 0.7 for _ in range(L - 1)] if dropout else []
-    return make(T, B, I), make(L * D, B, H), weights, masks, torch.tensor([4, 1, 3]), L
+    lengths = torch.tensor([4, 1, 3])
+    valid_rows = functional.valid_rows_of(lengths, T) if skip_padding else None
+    return make(T, B, I), make(L * D, B, H), weights, masks, lengths, valid_rows, L
 
 
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("L,D,biases,dropout", [(1, 1, 2, False), (1, 2, 0, False), (2, 2, 2, True), (3, 1, 1, True)])
-def test_opcheck(relu, L, D, biases, dropout):
-    args = _stack_inputs(L=L, D=D, biases=biases, dropout=dropout)
+@pytest.mark.parametrize("L,D,biases,dropout,skip_padding",
+                         [(1, 1, 2, False, False), (1, 2, 0, False, True), (2, 2, 2, True, True), (3, 1, 1, True, False)])
+def test_opcheck(relu, L, D, biases, dropout, skip_padding):
+    args = _stack_inputs(L=L, D=D, biases=biases, dropout=dropout, skip_padding=skip_padding)
     torch.library.opcheck(torch.ops.fastrnn.rnn_fwd, (*args, relu, "numba"))
 
 
 @pytest.mark.parametrize("L,D", [(2, 2), (3, 1)])
-def test_gradcheck_stack_with_dropout_masks(L, D):
-    x, hx, weights, masks, lengths, _ = _stack_inputs(L=L, D=D)
-    fn = lambda x, hx, *weights: ops.rnn(x, hx, list(weights), masks, lengths, L, False, "numba")  # noqa: E731
+@pytest.mark.parametrize("skip_padding", [False, True])
+def test_gradcheck_stack_with_dropout_masks(L, D, skip_padding):
+    x, hx, weights, masks, lengths, valid_rows, _ = _stack_inputs(L=L, D=D, skip_padding=skip_padding)
+    fn = lambda x, hx, *weights: ops.rnn(x, hx, list(weights), masks, lengths, valid_rows, L, False, "numba")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, hx, *weights))
 
 
@@ -125,29 +129,29 @@ def test_double_backward_raises_a_clear_error():
 
 
 def test_custom_op_backward_has_no_double_backward_either():
-    x, hx, weights, masks, lengths, L = _stack_inputs()
-    out, _, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, L, False, "numba")
+    x, hx, weights, masks, lengths, valid_rows, L = _stack_inputs()
+    out, _, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, valid_rows, L, False, "numba")
     (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="rnn_bwd"):
         grad_x.sum().backward()
 
 
 def test_eager_function_and_custom_op_agree_exactly():
-    x, hx, weights, masks, lengths, L = _stack_inputs()
+    x, hx, weights, masks, lengths, valid_rows, L = _stack_inputs()
     results = []
     for fn in (ops.rnn, torch.ops.fastrnn.rnn_fwd):
-        out, h_n, *_ = fn(x, hx, weights, masks, lengths, L, False, "numba")
+        out, h_n, *_ = fn(x, hx, weights, masks, lengths, valid_rows, L, False, "numba")
         grads = torch.autograd.grad((out ** 2).sum() + h_n.sum(), (x, hx, *weights))
         results.append([out, h_n, *grads])
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_gradients_skip_an_input_that_needs_none():
-    x, hx, weights, masks, lengths, L = _stack_inputs()
+    x, hx, weights, masks, lengths, valid_rows, L = _stack_inputs()
     x.requires_grad_(False)
-    out, h_n = ops.rnn(x, hx, weights, masks, lengths, L, False, "numba")
+    out, h_n = ops.rnn(x, hx, weights, masks, lengths, valid_rows, L, False, "numba")
     grads = torch.autograd.grad(out.sum() + h_n.sum(), (hx, *weights))
-    out, h_n, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, L, False, "numba")
+    out, h_n, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, valid_rows, L, False, "numba")
     expected = torch.autograd.grad(out.sum() + h_n.sum(), (hx, *weights))
     assert all(torch.equal(a, b) for a, b in zip(grads, expected))
 

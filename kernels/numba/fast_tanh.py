@@ -1,4 +1,8 @@
-"""tanh for Numba kernels that LLVM can vectorise, unlike math.tanh (a scalar libm call)."""
+"""tanh for Numba kernels that LLVM can vectorise, unlike math.tanh (a scalar libm call).
+
+Numba's on-disk cache of the kernels that inline these is keyed on the kernels' own file, so after
+editing this one, delete kernels/numba/__pycache__ (or touch elman.py) to recompile them.
+"""
 import math
 
 import numpy as np
@@ -36,7 +40,7 @@ def tanh_float32(z):
     q0, q1, q2, q3 = _Q_FLOAT32
     p = ((((p5 * t + p4) * t + p3) * t + p2) * t + p1) * t + p0
     q = ((q3 * t + q2) * t + q1) * t + q0
-    return x * p / q
+    return np.divide(x * p, q)  # not /: see the division note in tanh_float64 (q >= 1 here)
 
 
 @njit(inline="always", fastmath=_FASTMATH, nogil=True, cache=True)

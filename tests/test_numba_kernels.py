@@ -151,3 +151,26 @@ def test_blas_pinning_restores_the_user_setting_across_threads():
     finally:
         release.set()
         blas.scipy_openblas_set_num_threads(original)
+
+
+def test_python_threads_share_the_workqueue_layer_safely():
+    """The workqueue layer aborts the process on concurrent parallel launches unless they are
+    serialised; several Python threads calling the kernels must simply all finish."""
+    script = textwrap.dedent("""
+        import threading, torch
+        from fastrnn.kernels.numba import elman
+        torch.set_num_threads(2)
+        p = torch.randn(20, 8, 1, 16); w = torch.randn(1, 16, 16) * 0.1; h = torch.zeros(1, 8, 16)
+        lengths = torch.full((8,), 20)
+        def work():
+            for _ in range(200):
+                out, h_n = elman.elman_forward(p, w, h, lengths, False)
+                elman.elman_backward(out, h_n, out, w, lengths, False)
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        [t.start() for t in threads]; [t.join() for t in threads]
+        import numba; print(numba.threading_layer())
+    """)
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["workqueue"]

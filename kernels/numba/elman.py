@@ -334,13 +334,27 @@ def _plan(batch, n_dir, hidden):
     return use_blas, (rows if n_dir * -(-batch // rows) > 1 else None)
 
 
+_PARALLEL_LOCK = threading.Lock()
+
+
+def _parallel_region_guard():
+    """Numba's ``workqueue`` threading layer (used where neither OpenMP nor TBB is installed) aborts
+    the process when two Python threads enter parallel kernels at once; serialise them there."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet, so the layer is not chosen yet
+        return _PARALLEL_LOCK
+    return contextlib.nullcontext() if layer in ("omp", "tbb") else _PARALLEL_LOCK
+
+
 def _launch(parallel_kernel, serial_kernel, args, outputs, batch, n_dir, hidden):
     use_blas, rows = _plan(batch, n_dir, hidden)
     with _single_threaded_blas() if use_blas else contextlib.nullcontext():
         if rows is None:
             serial_kernel(*args, use_blas, *outputs)
         else:
-            parallel_kernel(*args, rows, use_blas, *outputs)
+            with _parallel_region_guard():
+                parallel_kernel(*args, rows, use_blas, *outputs)
 
 
 def _rows_per_task(batch, n_dir, threads):

@@ -242,16 +242,21 @@ def _elman_bwd_serial_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, use_bl
 
 # Whole-layer kernels for small problems: the GEMMs around the recurrence run here too, so the
 # layer costs one call instead of one per torch op (each ~10 us, more than the arithmetic here).
+# They allocate their outputs: a NumPy array made here costs far less than a torch tensor made and
+# converted in Python (about 3 us each, in the budget of a ~100 us layer).
 @njit(**_JIT)
-def _layer_fwd_kernel(x, w_ih, bias, w_hh, h0, lengths, relu, single, out, h_n):
+def _layer_fwd_kernel(x, w_ih, bias, w_hh, h0, lengths, relu, single):
     seq_len, batch, n_in = x.shape
     n_dir, hidden = w_hh.shape[0], w_hh.shape[1]
+    out = np.empty((seq_len, batch, n_dir, hidden), x.dtype)
+    h_n = np.empty_like(h0)
     proj = np.empty((seq_len, batch, n_dir, hidden), x.dtype)
     flat_proj = proj.reshape(seq_len * batch, n_dir * hidden)
     _hand_matmul(x.reshape(seq_len * batch, n_in), np.ascontiguousarray(w_ih.reshape(n_dir * hidden, n_in).T), flat_proj)
     if bias.size:
         flat_proj += bias.reshape(1, n_dir * hidden)
     _elman_fwd_serial_kernel(proj, w_hh, h0, lengths, relu, single, False, out, h_n)
+    return out, h_n
 
 
 @njit(**_JIT)
@@ -270,10 +275,11 @@ def _previous_states(out, h0, lengths, d):
 
 
 @njit(**_JIT)
-def _layer_bwd_kernel(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, input_grad,
-                      grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias):
+def _layer_bwd_kernel(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, input_grad):
     seq_len, batch, n_in = x.shape
     n_dir, hidden = w_hh.shape[0], w_hh.shape[1]
+    grad_x, grad_h0, grad_w_ih = np.empty_like(x), np.empty_like(h0), np.empty_like(w_ih)
+    grad_w_hh, grad_bias = np.empty_like(w_hh), np.empty((n_dir, hidden), x.dtype)
     grad_pre = np.empty_like(out)
     _elman_bwd_serial_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, False, grad_pre, grad_h0)
     flat = grad_pre.reshape(seq_len * batch, n_dir * hidden)
@@ -285,6 +291,7 @@ def _layer_bwd_kernel(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, 
     grad_bias[:] = flat.sum(axis=0).reshape(n_dir, hidden)
     for d in range(n_dir):
         _hand_matmul(flat_t[d * hidden:(d + 1) * hidden], _previous_states(out, h0, lengths, d), grad_w_hh[d])
+    return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias
 
 
 def _scipy_openblas():
@@ -443,12 +450,10 @@ def layer_forward(x, w_ih, bias, w_hh, h0, lengths, relu):
         return None
     _check_layer_shapes(x, w_ih, w_hh, h0)
     _check(lengths, x.shape[1], x=x, w_ih=w_ih, w_hh=w_hh, h0=h0, **({} if bias is None else {"bias": bias}))
-    out = x.new_empty(x.shape[0], x.shape[1], w_hh.shape[0], w_hh.shape[1])
-    h_n = torch.empty_like(h0)
     x_a, w_ih_a, w_hh_a, h0_a, lengths_a = _arrays(x, w_ih, w_hh, h0, lengths)
-    _layer_fwd_kernel(x_a, w_ih_a, _bias_array(bias, x_a), w_hh_a, h0_a, lengths_a, bool(relu),
-                      x.dtype == torch.float32, *_arrays(out, h_n))
-    return out, h_n
+    out, h_n = _layer_fwd_kernel(x_a, w_ih_a, _bias_array(bias, x_a), w_hh_a, h0_a, lengths_a, bool(relu),
+                                 x.dtype == torch.float32)
+    return torch.from_numpy(out), torch.from_numpy(h_n)
 
 
 def layer_backward(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, input_grad):
@@ -458,11 +463,9 @@ def layer_backward(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, inp
         return None
     _check_layer_shapes(x, w_ih, w_hh, h0)
     _check(lengths, x.shape[1], grad_out=grad_out, grad_hn=grad_hn, x=x, w_ih=w_ih, w_hh=w_hh, out=out, h0=h0)
-    grads = (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
-             w_hh.new_empty(w_hh.shape[:2]))
-    _layer_bwd_kernel(*_arrays(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths), bool(relu), bool(input_grad),
-                      *_arrays(*grads))
-    return (grads[0] if input_grad else None, *grads[1:])
+    grads = _layer_bwd_kernel(*_arrays(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths), bool(relu), bool(input_grad))
+    grad_x, *rest = map(torch.from_numpy, grads)
+    return (grad_x if input_grad else None, *rest)
 
 
 def warm_up():

@@ -13,10 +13,7 @@ Per layer, everything that is not the recurrence itself is a GEMM over all T*B r
 """
 import contextlib
 import math
-from typing import List, Optional
-
 import torch
-from torch import Tensor
 
 from . import backends
 
@@ -49,13 +46,13 @@ def _stack(tensors):
 
 def _project(x, w_ih, bias, valid_rows):
     """x (T, B, I) @ W_ih^T for every direction at once -> (T, B, D, H); with ``valid_rows`` only
-    those rows are computed (the others are left unset: the kernels never read past a length)."""
+    those rows are computed (the others are zero)."""
     seq_len, batch, n_in = x.shape
     n_dir, hidden, _ = w_ih.shape
     rows, weights = _rows(x, valid_rows), w_ih.reshape(n_dir * hidden, n_in).t()
     proj = torch.mm(rows, weights) if bias is None else torch.addmm(bias.reshape(-1), rows, weights)
     if valid_rows is not None:
-        proj = proj.new_empty(seq_len * batch, n_dir * hidden).index_copy_(0, valid_rows, proj)
+        proj = proj.new_zeros(seq_len * batch, n_dir * hidden).index_copy_(0, valid_rows, proj)
     return proj.view(seq_len, batch, n_dir, hidden)
 
 
@@ -142,17 +139,7 @@ def _layer_input(x, outputs, masks, index):
     return outputs[index - 1] * masks[index - 1] if masks else outputs[index - 1]
 
 
-def _forward(
-    x: Tensor,
-    hx: Tensor,
-    weights: List[Tensor],
-    masks: List[Tensor],
-    lengths: Tensor,
-    valid_rows: Optional[Tensor],
-    num_layers: int,
-    relu: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, List[Tensor]]:
+def _forward(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend):
     """Returns output (T, B, D*H), h_n (L*D, B, H) and the outputs of layers 0..L-2 (for backward)."""
     n_dir = hx.shape[0] // num_layers
     outputs, finals = [], []
@@ -170,28 +157,14 @@ def _forward(
     return outputs[-1], h_n, outputs[:-1]
 
 
-def _backward(
-    grad_out: Tensor,
-    grad_hn: Tensor,
-    x: Tensor,
-    hx: Tensor,
-    weights: List[Tensor],
-    masks: List[Tensor],
-    lengths: Tensor,
-    valid_rows: Optional[Tensor],
-    output: Tensor,
-    inner: List[Tensor],
-    num_layers: int,
-    relu: bool,
-    backend: str,
-    input_grad: bool,
-) -> tuple[Optional[Tensor], Tensor, List[Tensor]]:
+def _backward(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, output, inner, num_layers, relu, backend,
+              input_grad):
     """Gradients of x (None unless ``input_grad``), hx and every weight, in ``weights`` order."""
     n_dir = hx.shape[0] // num_layers
     per_dir = len(weights) // (num_layers * n_dir)
     outputs = [*inner, output]
     grad_hx = [grad_hn] * num_layers  # every slot is overwritten below
-    grad_weights: List[Tensor] = list(weights)  # likewise
+    grad_weights = list(weights)  # likewise
     grad_layer_out = grad_out
     with profiler_label("fastrnn::rnn_bwd[{},L={},D={}]", backend, num_layers, n_dir):
         for index in reversed(range(num_layers)):
@@ -211,7 +184,11 @@ def _backward(
     return grad_in, grad_hx[0] if num_layers == 1 else torch.cat(grad_hx), grad_weights
 
 
-rnn_fwd = torch.library.custom_op("fastrnn::rnn_fwd", _forward, mutates_args=())
+rnn_fwd = torch.library.custom_op(
+    "fastrnn::rnn_fwd", _forward, mutates_args=(),
+    schema="(Tensor x, Tensor hx, Tensor[] weights, Tensor[] masks, Tensor lengths, Tensor? valid_rows, int num_layers, "
+    "bool relu, str backend) -> (Tensor, Tensor, Tensor[])",
+)
 
 
 @rnn_fwd.register_fake
@@ -221,30 +198,18 @@ def _(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend):
     return layer_out(), hx.new_empty(hx.shape), [layer_out() for _ in range(num_layers - 1)]
 
 
-def _backward_op(
-    grad_out: Tensor,
-    grad_hn: Tensor,
-    x: Tensor,
-    hx: Tensor,
-    weights: List[Tensor],
-    masks: List[Tensor],
-    lengths: Tensor,
-    valid_rows: Optional[Tensor],
-    output: Tensor,
-    inner: List[Tensor],
-    num_layers: int,
-    relu: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, List[Tensor]]:
-    grad_x, grad_hx, grad_weights = _backward(
-        grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, output, inner, num_layers, relu, backend, True
-    )
+def _backward_op(*args):
+    grad_x, grad_hx, grad_weights = _backward(*args, input_grad=True)
     # A custom op's outputs may not alias each other; b_ih and b_hh share one gradient, and the
     # directions' gradients are views of one stacked tensor.
     return grad_x, grad_hx, [g.clone() for g in grad_weights]
 
 
-rnn_bwd = torch.library.custom_op("fastrnn::rnn_bwd", _backward_op, mutates_args=())
+rnn_bwd = torch.library.custom_op(
+    "fastrnn::rnn_bwd", _backward_op, mutates_args=(),
+    schema="(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor hx, Tensor[] weights, Tensor[] masks, Tensor lengths, "
+    "Tensor? valid_rows, Tensor output, Tensor[] inner, int num_layers, bool relu, str backend) -> (Tensor, Tensor, Tensor[])",
+)
 
 
 @rnn_bwd.register_fake

@@ -61,7 +61,11 @@ def requested(backend=None):
 
 
 def _under_functorch():
-    """torch.func transforms (grad, vmap, jvp) wrap tensors without storage: kernels cannot run."""
+    """torch.func transforms (grad, vmap, jvp) wrap tensors without storage: kernels cannot run.
+    Dynamo's tracing also shows a functorch interpreter, but there the custom ops are traced, so
+    compiling is not a transform."""
+    if torch.compiler.is_compiling():
+        return False
     peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
     return peek is not None and peek() is not None
 

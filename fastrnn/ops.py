@@ -7,7 +7,7 @@ skips the custom-op dispatch (tens of microseconds a call, the whole budget of a
 One node for the whole stack, rather than one per layer, also keeps weight stacking, bias sums
 and inter-layer dropout out of the autograd graph: they cost more than the kernels at small sizes.
 
-Per layer, everything that is not the recurrence itself is a GEMM over all T*B rows (or, with
+Per layer, everything that is not the recurrence itself is a GEMM over all T*B rows (with
 ``valid_rows``, over the valid tokens only): the input projection in forward, and ``dx``,
 ``dW_ih``, ``dW_hh`` and the bias gradient in backward.
 """
@@ -46,13 +46,13 @@ def _stack(tensors):
 
 def _project(x, w_ih, bias, valid_rows):
     """x (T, B, I) @ W_ih^T for every direction at once -> (T, B, D, H); with ``valid_rows`` only
-    those rows are computed (the others are zero)."""
+    those rows are computed (the others are left unset: kernels never read proj past a length)."""
     seq_len, batch, n_in = x.shape
     n_dir, hidden, _ = w_ih.shape
     rows, weights = _rows(x, valid_rows), w_ih.reshape(n_dir * hidden, n_in).t()
     proj = torch.mm(rows, weights) if bias is None else torch.addmm(bias.reshape(-1), rows, weights)
     if valid_rows is not None:
-        proj = proj.new_zeros(seq_len * batch, n_dir * hidden).index_copy_(0, valid_rows, proj)
+        proj = proj.new_empty(seq_len * batch, n_dir * hidden).index_copy_(0, valid_rows, proj)
     return proj.view(seq_len, batch, n_dir, hidden)
 
 
@@ -82,6 +82,8 @@ def _grad_w_hh(grad_pre, out, h0, lengths, valid_rows):
     shifted products pair up only the valid rows of dz.
     """
     seq_len, batch, n_dir, hidden = out.shape
+    if seq_len == 0:
+        return out.new_zeros(n_dir, hidden, hidden)
     grads = []
     rows = torch.arange(batch, device=out.device)
     for d in range(n_dir):
@@ -178,7 +180,10 @@ def _backward(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, out
             first = index * n_dir * per_dir
             for d in range(n_dir):
                 for slot in range(per_dir):  # w_ih, w_hh, then the bias gradient for b_ih and b_hh
-                    grad_weights[first + d * per_dir + slot] = grads[min(slot, 2)][d]
+                    grad = grads[min(slot, 2)][d]
+                    # b_hh gets its own copy: .grad tensors sharing memory would be accumulated,
+                    # clipped or scaled in place twice.
+                    grad_weights[first + d * per_dir + slot] = grad.clone() if slot == 3 else grad
             if index > 0:
                 grad_layer_out = grad_in * masks[index - 1] if masks else grad_in
     return grad_in, grad_hx[0] if num_layers == 1 else torch.cat(grad_hx), grad_weights
@@ -200,8 +205,8 @@ def _(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend):
 
 def _backward_op(*args):
     grad_x, grad_hx, grad_weights = _backward(*args, input_grad=True)
-    # A custom op's outputs may not alias each other; b_ih and b_hh share one gradient, and the
-    # directions' gradients are views of one stacked tensor.
+    # A custom op's outputs may not alias each other: the directions' gradients are views of one
+    # stacked tensor.
     return grad_x, grad_hx, [g.clone() for g in grad_weights]
 
 

@@ -1,11 +1,11 @@
-"""The vectorisable float64 tanh against NumPy's and libm's, in ulps, with its edge cases."""
+"""The vectorisable tanh functions against NumPy's and libm's, with their edge cases."""
 import math
 
 import numpy as np
 import pytest
 from numba import njit
 
-from fastrnn.kernels.numba.fast_tanh import _CLAMP, _SMALL, tanh_float64
+from fastrnn.kernels.numba.fast_tanh import _CLAMP, _ONE_FLOAT32, _SMALL, tanh_float32, tanh_float64
 
 MAX_ULPS = 4
 
@@ -60,3 +60,21 @@ def test_special_values():
     np.testing.assert_array_equal(out[4:6], [1.0, -1.0])
     assert np.isnan(out[6])
     assert np.isnan(_apply(np.full(64, np.nan))).all()  # also down the vectorised path
+
+
+@njit(fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
+def _apply_float32(v):
+    out = np.empty_like(v)
+    for i in range(v.size):
+        out[i] = tanh_float32(v[i])
+    return out
+
+
+def test_float32_is_within_its_fit_error_and_saturates_exactly():
+    v = np.concatenate([np.linspace(-12, 12, 480_001), [_ONE_FLOAT32, 30.0, np.inf, 1e-30, 0.0]]).astype(np.float32)
+    v = np.concatenate([v, -v])
+    out, ref = _apply_float32(v), np.tanh(v.astype(np.float64))
+    assert np.abs(out - ref).max() <= 4e-7  # the rational's fit error, ~3 float32 ulps at 1
+    assert np.all(np.abs(out[np.abs(v) >= _ONE_FLOAT32]) == 1.0)
+    assert np.array_equal(out, -_apply_float32(-v))
+    assert np.isnan(_apply_float32(np.array([np.nan], np.float32))[0])

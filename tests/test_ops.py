@@ -96,6 +96,32 @@ def test_torch_compile_fullgraph(compile_backend):
         assert_close(p.grad, q.grad, 1e-4, name)
 
 
+def test_torch_compile_traces_the_fused_op_not_torchs_rnn():
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = fastrnn.RNN(5, 6, num_layers=2, bidirectional=True)
+    compiled = torch.compile(model, fullgraph=True, backend=record)
+    out, h_n = compiled(torch.randn(7, 3, 5))
+    (out.sum() + h_n.sum()).backward()
+    targets = [str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"]
+    assert any("fastrnn.rnn_fwd" in t for t in targets), targets
+    assert not any("rnn_tanh" in t for t in targets), targets
+
+
+def test_empty_sequence_gradients():
+    x, h0, w_ih, w_hh, b = _layer_inputs(T=0)
+    out, h_n = functional.elman(x, h0, w_ih, w_hh, b, backend="numba")
+    grads = torch.autograd.grad(out.sum() + (h_n * 2).sum(), (x, h0, w_ih, w_hh, b))
+    assert out.shape == (0, 3, 6) and torch.equal(h_n, h0)
+    assert torch.equal(grads[1], torch.full_like(h0, 2.0))
+    assert all(bool((g == 0).all()) for g in grads[2:])
+
+
 def _saved_bytes(module, x):
     """Bytes of the distinct storages autograd keeps for backward (views of one storage count once)."""
     seen = {}

@@ -38,6 +38,21 @@ def test_large_hidden_uses_blas_path(nonlinearity):
     compare(ref, fast, torch.randn(6, 130, 33, requires_grad=True))
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_gradients_accumulate_and_scale_in_place_like_torch(bidirectional):
+    """Every .grad is its own tensor: accumulating a second backward or scaling in place (as
+    gradient clipping does) must touch each parameter once."""
+    ref, fast = twins(4, 5, num_layers=2, bidirectional=bidirectional)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    for module in (ref, fast):
+        for _ in range(2):
+            out, h_n = module(x)
+            (out.pow(2).sum() + h_n.sum()).backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm=1.0)
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, 1e-10, name)
+
+
 def test_unbatched_input():
     ref, fast = twins(4, 5, num_layers=2, bidirectional=True)
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)

@@ -2,8 +2,10 @@
 
 Each kernel runs the whole time loop in one call. Work is split into tasks of one direction and
 a block of batch rows; a task runs every step for its rows, so threads never synchronise inside
-the loop. The input projection and all weight gradients are GEMMs done by the caller: the
-kernels only carry the sequential part. Layouts follow CONTRACTS.md.
+the loop. For most layers the input projection and all weight gradients are GEMMs done by the
+caller and the recurrence kernels carry only the sequential part; small layers run whole (GEMMs
+included, on one thread) in the layer kernels, where torch's per-op cost would dominate. Layouts
+follow CONTRACTS.md.
 """
 import contextlib
 import ctypes
@@ -208,8 +210,8 @@ def _transposed(w_hh):
     return w_t
 
 
-# The parallel drivers split rows across Numba's OpenMP threads; the serial ones run a single
-# task without entering an OpenMP region.
+# The parallel drivers split rows across Numba's threads (OpenMP, TBB or workqueue); the serial
+# ones run a single task without entering a parallel region.
 @njit(parallel=True, **_JIT)
 def _elman_fwd_kernel(proj, w_hh, h0, lengths, relu, single, rows_per_task, use_blas, out, h_n):
     batch, n_dir = proj.shape[1], proj.shape[2]

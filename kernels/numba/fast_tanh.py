@@ -16,6 +16,8 @@ _P_FLOAT32 = tuple(np.float32(c) for c in (
     9.900016666518573e-06, -1.4788625550028422e-08, 2.379562957996432e-11,
 ))
 _Q_FLOAT32 = tuple(np.float32(c) for c in (1.0, 0.46314102049974815, 0.024035111828076185, 0.0002374897469839997))
+# tanh(z) rounds to 1.0 in float32 from here on (1 - tanh z < 2^-25).
+_ONE_FLOAT32 = np.float32(9.01)
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 # Below this |z| a rational in z^2 avoids the cancellation in 1 - 2/(e^2|z| + 1); at it tanh ~ 0.5,
@@ -40,7 +42,9 @@ def tanh_float32(z):
     q0, q1, q2, q3 = _Q_FLOAT32
     p = ((((p5 * t + p4) * t + p3) * t + p2) * t + p1) * t + p0
     q = ((q3 * t + q2) * t + q1) * t + q0
-    return np.divide(x * p, q)  # not /: see the division note in tanh_float64 (q >= 1 here)
+    y = np.divide(x * p, q)  # not /: see the division note in tanh_float64 (q >= 1 here)
+    # Past the fitted range the rational stays 4 ulps below 1; float32 tanh is exactly 1 there.
+    return math.copysign(np.float32(1.0), z) if abs(z) >= _ONE_FLOAT32 else y
 
 
 @njit(inline="always", fastmath=_FASTMATH, nogil=True, cache=True)

@@ -174,3 +174,14 @@ def test_python_threads_share_the_workqueue_layer_safely():
     proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["workqueue"]
+
+
+@pytest.mark.parametrize("batch,rows_per_task", [(1, 1), (7, 3), (32, 16), (5, 2), (64, 64)])
+def test_tasks_cover_every_row_once_interleaved(batch, rows_per_task):
+    blocks = -(-batch // rows_per_task)
+    covered = []
+    for task in range(2 * blocks):  # two directions
+        d, b0, stride, rows = kernels._task_rows(task, batch, rows_per_task)
+        assert rows <= rows_per_task and stride == blocks
+        covered += [(d, b0 + i * stride) for i in range(rows)]
+    assert sorted(covered) == [(d, b) for d in range(2) for b in range(batch)]

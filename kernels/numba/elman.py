@@ -98,53 +98,53 @@ def _time_index(step, length, direction):
 
 
 @njit(inline="always", **_JIT)
-def _is_descending(lengths, b0, rows):
+def _is_descending(lengths, b0, stride, rows):
     for i in range(1, rows):
-        if lengths[b0 + i] > lengths[b0 + i - 1]:
+        if lengths[b0 + i * stride] > lengths[b0 + (i - 1) * stride]:
             return False
     return True
 
 
 @njit(inline="always", **_JIT)
-def _live_rows(lengths, b0, rows, step, descending):
+def _live_rows(lengths, b0, stride, rows, step, descending):
     """How many leading rows to multiply at ``step``. With lengths sorted, as a PackedSequence's
     are, finished rows form a tail that is skipped, so the work follows the valid tokens."""
     live = rows
     if descending:
-        while live > 0 and lengths[b0 + live - 1] <= step:
+        while live > 0 and lengths[b0 + (live - 1) * stride] <= step:
             live -= 1
     return live
 
 
 @njit(inline="always", **_JIT)
-def _start_rows(state_in, lengths, d, b0, rows, padded_out, state):
+def _start_rows(state_in, lengths, d, b0, stride, rows, padded_out, state):
     """Load each row's starting state, zero its steps past the length in ``padded_out``, and
     return the longest length among the rows."""
     seq_len = padded_out.shape[0]
     longest = 0
     for i in range(rows):
-        length = lengths[b0 + i]
+        length = lengths[b0 + i * stride]
         longest = max(longest, length)
-        state[i, :] = state_in[d, b0 + i, :]
+        state[i, :] = state_in[d, b0 + i * stride, :]
         for t in range(length, seq_len):
-            padded_out[t, b0 + i, d, :] = 0.0
+            padded_out[t, b0 + i * stride, d, :] = 0.0
     return longest
 
 
 @njit(**_JIT)
-def _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, b0, rows, use_blas, out, h_n):
-    """The whole forward time loop of one direction for batch rows [b0, b0 + rows)."""
+def _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, b0, stride, rows, use_blas, out, h_n):
+    """The whole forward time loop of one direction for the batch rows b0 + i * stride, i < rows."""
     hidden = proj.shape[3]
     h = np.empty((rows, hidden), proj.dtype)
     acc = np.empty((rows, hidden), proj.dtype)
-    longest = _start_rows(h0, lengths, d, b0, rows, out, h)
+    longest = _start_rows(h0, lengths, d, b0, stride, rows, out, h)
     w = w_hh_t[d]
-    descending = _is_descending(lengths, b0, rows)
+    descending = _is_descending(lengths, b0, stride, rows)
     for step in range(longest):
-        live = _live_rows(lengths, b0, rows, step, descending)
+        live = _live_rows(lengths, b0, stride, rows, step, descending)
         _matmul(h[:live], w, acc[:live], use_blas)
         for i in range(live):
-            b = b0 + i
+            b = b0 + i * stride
             length = lengths[b]
             if step < length:
                 t = _time_index(step, length, d)
@@ -154,23 +154,23 @@ def _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, b0, rows, use_blas, ou
                     h[i, j] = v
                     out[t, b, d, j] = v
     for i in range(rows):
-        h_n[d, b0 + i, :] = h[i, :]
+        h_n[d, b0 + i * stride, :] = h[i, :]
 
 
 @njit(**_JIT)
-def _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, rows, use_blas, grad_pre, grad_h0):
-    """The whole reverse-time loop of one direction for batch rows [b0, b0 + rows)."""
+def _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, stride, rows, use_blas, grad_pre, grad_h0):
+    """The whole reverse-time loop of one direction for the batch rows b0 + i * stride, i < rows."""
     hidden = out.shape[3]
     dh = np.empty((rows, hidden), out.dtype)
     dz = np.zeros((rows, hidden), out.dtype)
     dh_prev = np.empty((rows, hidden), out.dtype)
-    longest = _start_rows(grad_hn, lengths, d, b0, rows, grad_pre, dh)
+    longest = _start_rows(grad_hn, lengths, d, b0, stride, rows, grad_pre, dh)
     w = w_hh[d]
-    descending = _is_descending(lengths, b0, rows)
+    descending = _is_descending(lengths, b0, stride, rows)
     for step in range(longest - 1, -1, -1):
-        live = _live_rows(lengths, b0, rows, step, descending)
+        live = _live_rows(lengths, b0, stride, rows, step, descending)
         for i in range(live):
-            b = b0 + i
+            b = b0 + i * stride
             length = lengths[b]
             if step < length:
                 t = _time_index(step, length, d)
@@ -186,27 +186,35 @@ def _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, rows, use_blas
         _matmul(dz[:live], w, dh_prev[:live], use_blas)
         # Rows whose sequence has not started yet (in reverse order) keep their incoming dh.
         for i in range(live):
-            if step < lengths[b0 + i]:
+            if step < lengths[b0 + i * stride]:
                 dh[i, :] = dh_prev[i, :]
     for i in range(rows):
-        grad_h0[d, b0 + i, :] = dh[i, :]
+        grad_h0[d, b0 + i * stride, :] = dh[i, :]
 
 
 @njit(inline="always", **_JIT)
 def _task_rows(task, batch, rows_per_task):
-    """Task -> (direction, first row, rows); tasks run direction-major over row blocks."""
+    """Task -> (direction, first row, stride, rows); tasks run direction-major. A task takes every
+    ``blocks``-th row rather than a contiguous block: with lengths sorted (packed input) each task
+    then gets long and short sequences alike, and the tasks finish together."""
     blocks = (batch + rows_per_task - 1) // rows_per_task
     d = task // blocks
-    b0 = (task - d * blocks) * rows_per_task
-    return d, b0, min(rows_per_task, batch - b0)
+    b0 = task - d * blocks
+    return d, b0, blocks, (batch - b0 + blocks - 1) // blocks
 
 
 @njit(**_JIT)
 def _transposed(w_hh):
-    """w_hh[d].T for every direction, contiguous: the forward multiplies h @ W_hh^T row-wise."""
+    """w_hh[d].T for every direction, contiguous: the forward multiplies h @ W_hh^T row-wise.
+    Copied in 32x32 tiles, so that the strided side stays in cache at large H."""
+    n_dir, hidden = w_hh.shape[0], w_hh.shape[1]
     w_t = np.empty_like(w_hh)
-    for d in range(w_hh.shape[0]):
-        w_t[d] = w_hh[d].T
+    for d in range(n_dir):
+        for i0 in range(0, hidden, 32):
+            for j0 in range(0, hidden, 32):
+                for i in range(i0, min(i0 + 32, hidden)):
+                    for j in range(j0, min(j0 + 32, hidden)):
+                        w_t[d, j, i] = w_hh[d, i, j]
     return w_t
 
 
@@ -217,29 +225,29 @@ def _elman_fwd_kernel(proj, w_hh, h0, lengths, relu, single, rows_per_task, use_
     batch, n_dir = proj.shape[1], proj.shape[2]
     w_hh_t = _transposed(w_hh)
     for task in prange(n_dir * ((batch + rows_per_task - 1) // rows_per_task)):
-        d, b0, rows = _task_rows(task, batch, rows_per_task)
-        _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, b0, rows, use_blas, out, h_n)
+        d, b0, stride, rows = _task_rows(task, batch, rows_per_task)
+        _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, b0, stride, rows, use_blas, out, h_n)
 
 
 @njit(**_JIT)
 def _elman_fwd_serial_kernel(proj, w_hh, h0, lengths, relu, single, use_blas, out, h_n):
     w_hh_t = _transposed(w_hh)
     for d in range(proj.shape[2]):
-        _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, 0, proj.shape[1], use_blas, out, h_n)
+        _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, 0, 1, proj.shape[1], use_blas, out, h_n)
 
 
 @njit(parallel=True, **_JIT)
 def _elman_bwd_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, rows_per_task, use_blas, grad_pre, grad_h0):
     batch, n_dir = out.shape[1], out.shape[2]
     for task in prange(n_dir * ((batch + rows_per_task - 1) // rows_per_task)):
-        d, b0, rows = _task_rows(task, batch, rows_per_task)
-        _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, rows, use_blas, grad_pre, grad_h0)
+        d, b0, stride, rows = _task_rows(task, batch, rows_per_task)
+        _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, stride, rows, use_blas, grad_pre, grad_h0)
 
 
 @njit(**_JIT)
 def _elman_bwd_serial_kernel(grad_out, grad_hn, out, w_hh, lengths, relu, use_blas, grad_pre, grad_h0):
     for d in range(out.shape[2]):
-        _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, 0, out.shape[1], use_blas, grad_pre, grad_h0)
+        _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, 0, 1, out.shape[1], use_blas, grad_pre, grad_h0)
 
 
 # Whole-layer kernels for small problems: the GEMMs around the recurrence run here too, so the

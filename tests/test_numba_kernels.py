@@ -72,7 +72,7 @@ def test_blocked_hand_matmul(n, k, m):
 
 def test_every_driver_is_exercised_above():
     assert kernels._threads() == 2, "conftest runs the suite with 2 threads"
-    plans = {kernels._plan(B, D, H) for B, D, H in [(1, 1, 1), (5, 2, 13), (130, 1, 512)]}
+    plans = {kernels._plan(B, D, H, torch.float32) for B, D, H in [(1, 1, 1), (5, 2, 13), (130, 1, 512)]}
     assert plans == {(False, None), (False, 5), (kernels._OPENBLAS is not None, 65)}
 
 

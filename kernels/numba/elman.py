@@ -24,8 +24,9 @@ from .fast_tanh import tanh_float32, tanh_float64
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _JIT = dict(fastmath=_FASTMATH, nogil=True, cache=True)
 # A task multiplies with BLAS only when its row block is tall enough to amortise BLAS's packing
-# of W_hh, which it redoes on every call; below that the hand loop wins (measured on Zen 4).
-_BLAS_MIN_ROWS = 64
+# of W_hh, which it redoes on every call; below that the hand loop wins (measured on Zen 4). The
+# float64 hand loop falls behind much sooner (2x slower than BLAS at 32 rows, H = 512).
+_BLAS_MIN_ROWS = {torch.float32: 64, torch.float64: 8}
 _BLAS_MIN_HIDDEN = 512
 # Whole-layer kernels run on one thread; up to this many multiply-adds per layer (T·B·D·H·(I+H))
 # the torch ops they replace cost more than a second thread saves (measured on Zen 4).
@@ -344,10 +345,10 @@ def _single_threaded_blas():
                 _OPENBLAS.scipy_openblas_set_num_threads(_blas_pins["threads_before"])
 
 
-def _plan(batch, n_dir, hidden):
+def _plan(batch, n_dir, hidden, dtype):
     """(use_blas, rows_per_task); rows_per_task is None where a single task runs serially."""
     rows = _rows_per_task(batch, n_dir, _threads())
-    use_blas = _OPENBLAS is not None and rows >= _BLAS_MIN_ROWS and hidden >= _BLAS_MIN_HIDDEN
+    use_blas = _OPENBLAS is not None and rows >= _BLAS_MIN_ROWS[dtype] and hidden >= _BLAS_MIN_HIDDEN
     return use_blas, (rows if n_dir * -(-batch // rows) > 1 else None)
 
 
@@ -364,8 +365,8 @@ def _parallel_region_guard():
     return contextlib.nullcontext() if layer in ("omp", "tbb") else _PARALLEL_LOCK
 
 
-def _launch(parallel_kernel, serial_kernel, args, outputs, batch, n_dir, hidden):
-    use_blas, rows = _plan(batch, n_dir, hidden)
+def _launch(parallel_kernel, serial_kernel, args, outputs, batch, n_dir, hidden, dtype):
+    use_blas, rows = _plan(batch, n_dir, hidden, dtype)
     with _single_threaded_blas() if use_blas else contextlib.nullcontext():
         if rows is None:
             serial_kernel(*args, use_blas, *outputs)
@@ -419,7 +420,7 @@ def elman_forward(proj, w_hh, h0, lengths, relu):
     out = torch.empty_like(proj)
     h_n = torch.empty_like(h0)
     args = (*_arrays(proj, w_hh, h0, lengths), bool(relu), proj.dtype == torch.float32)
-    _launch(_elman_fwd_kernel, _elman_fwd_serial_kernel, args, _arrays(out, h_n), batch, n_dir, proj.shape[3])
+    _launch(_elman_fwd_kernel, _elman_fwd_serial_kernel, args, _arrays(out, h_n), batch, n_dir, proj.shape[3], proj.dtype)
     return out, h_n
 
 
@@ -430,7 +431,8 @@ def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu):
     grad_pre = torch.empty_like(out)
     grad_h0 = torch.empty_like(grad_hn)
     inputs, outputs = _arrays(grad_out, grad_hn, out, w_hh, lengths), _arrays(grad_pre, grad_h0)
-    _launch(_elman_bwd_kernel, _elman_bwd_serial_kernel, (*inputs, bool(relu)), outputs, batch, n_dir, out.shape[3])
+    _launch(_elman_bwd_kernel, _elman_bwd_serial_kernel, (*inputs, bool(relu)), outputs, batch, n_dir, out.shape[3],
+            out.dtype)
     return grad_pre, grad_h0
 
 

@@ -78,41 +78,38 @@ def _check_like(x, named_tensors):
 
 
 def packed_to_padded(data, batch_sizes):
-    """PackedSequence data (N, *) -> padded (T, B, *), lengths (B,), and the (time, row) index of
-    every packed row, in the packed (sorted) batch order. Differentiable."""
+    """PackedSequence data (N, *) -> padded (T, B, *), lengths (B,), and the flat row t * B + b of
+    every packed row (ascending, as packed data is ordered), in the packed (sorted) batch order.
+    Differentiable."""
     seq_len = batch_sizes.numel()
     batch = int(batch_sizes[0]) if seq_len else 0
-    steps = torch.arange(seq_len)
-    time_index = steps.repeat_interleave(batch_sizes)
-    starts = torch.cumsum(batch_sizes, 0) - batch_sizes
-    row_index = torch.arange(time_index.numel()) - starts.repeat_interleave(batch_sizes)
     lengths = (batch_sizes[None, :] > torch.arange(batch)[:, None]).sum(1)
-    index = (time_index.to(data.device), row_index.to(data.device))
-    padded = data.new_zeros(seq_len, batch, *data.shape[1:]).index_put(index, data)
-    return padded, lengths, index
+    rows = valid_rows_of(lengths, seq_len).to(data.device)
+    padded = data.new_zeros(seq_len * batch, *data.shape[1:]).index_copy(0, rows, data)
+    return padded.view(seq_len, batch, *data.shape[1:]), lengths, rows
 
 
-def stack(x, hx, weights, *, num_layers, dropout, training, relu, lengths, packed_index, backend):
+def stack(x, hx, weights, *, num_layers, dropout, training, relu, lengths, packed_rows, backend):
     """The multi-layer, optionally bidirectional RNN of ``torch.nn.RNN`` on padded input.
 
     ``weights`` holds, per layer and direction, (w_ih, w_hh, b_ih, b_hh) or (w_ih, w_hh), in
     ``nn.RNN``'s order. Dropout masks between layers are drawn as ``F.dropout`` draws them, on the
-    shape torch uses (the packed data when ``packed_index`` is given), so ``torch.manual_seed``
-    gives torch's masks.
+    shape torch uses (the packed data when ``packed_rows``, the flat rows of packed input, are
+    given), so ``torch.manual_seed`` gives torch's masks.
     """
     _check_like(x, (("hx", hx), *((f"weight {i}", w) for i, w in enumerate(weights))))
     masks = []
     if dropout and training:
         shape = (x.shape[0], x.shape[1], hx.shape[0] // num_layers * hx.shape[2])
-        masks = [_dropout_mask(x.new_ones(shape), dropout, packed_index) for _ in range(num_layers - 1)]
-    lengths = lengths.to(x.device)
-    valid_rows = None if packed_index is None else valid_rows_of(lengths, x.shape[0])
-    return ops.rnn(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend)
+        masks = [_dropout_mask(x.new_ones(shape), dropout, packed_rows) for _ in range(num_layers - 1)]
+    return ops.rnn(x, hx, weights, masks, lengths.to(x.device), packed_rows, num_layers, relu, backend)
 
 
-def _dropout_mask(ones, p, packed_index):
+def _dropout_mask(ones, p, packed_rows):
     """F.dropout of ones: the scaled keep-mask F.dropout would apply, from the same RNG draws."""
     with torch.no_grad():
-        if packed_index is None:
+        if packed_rows is None:
             return F.dropout(ones, p, training=True)
-        return torch.zeros_like(ones).index_put(packed_index, F.dropout(ones[packed_index], p, training=True))
+        flat = ones.view(-1, ones.shape[-1])
+        kept = F.dropout(flat.index_select(0, packed_rows), p, training=True)
+        return torch.zeros_like(flat).index_copy_(0, packed_rows, kept).view(ones.shape)

@@ -34,10 +34,10 @@ class RNN(nn.RNN):
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
-            x, lengths, packed_index = functional.packed_to_padded(data, batch_sizes)
+            x, lengths, packed_rows = functional.packed_to_padded(data, batch_sizes)
             checked_input = data
         else:
-            batch_sizes = sorted_indices = unsorted_indices = packed_index = None
+            batch_sizes = sorted_indices = unsorted_indices = packed_rows = None
             if input.dim() not in (2, 3):
                 raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
             batched = input.dim() == 3
@@ -68,10 +68,11 @@ class RNN(nn.RNN):
             x, hx, weights,
             num_layers=self.num_layers, dropout=self.dropout,
             training=self.training, relu=self.nonlinearity == "relu", lengths=lengths,
-            packed_index=packed_index, backend=backend,
+            packed_rows=packed_rows, backend=backend,
         )
         if packed:
-            return PackedSequence(output[packed_index], batch_sizes, sorted_indices, unsorted_indices), \
+            packed_output = output.reshape(-1, output.shape[-1]).index_select(0, packed_rows)
+            return PackedSequence(packed_output, batch_sizes, sorted_indices, unsorted_indices), \
                 self.permute_hidden(h_n, unsorted_indices)
         if self.batch_first:
             output = output.transpose(0, 1)

@@ -90,6 +90,7 @@ def test_rows_per_task_fills_threads_without_splitting_more():
     (lambda p, w, h, l: (p, w[:, :2], h, l), ValueError),
     (lambda p, w, h, l: (p, w, h, l.int()), ValueError),
     (lambda p, w, h, l: (p, w, h.transpose(1, 2).contiguous().transpose(1, 2), l), ValueError),
+    (lambda p, w, h, l: (p, w, h[:, :2].contiguous(), l), ValueError),
 ])
 def test_launcher_rejects_bad_arguments(bad, error):
     args = bad(*_case(4, 3, 1, 3, torch.float64))
@@ -185,3 +186,17 @@ def test_tasks_cover_every_row_once_interleaved(batch, rows_per_task):
         assert rows <= rows_per_task and stride == blocks
         covered += [(d, b0 + i * stride) for i in range(rows)]
     assert sorted(covered) == [(d, b) for d in range(2) for b in range(batch)]
+
+
+def test_layer_and_backward_launchers_check_shapes_before_running():
+    x, w, h0, lengths = torch.randn(4, 3, 5), torch.randn(1, 6, 6), torch.zeros(1, 3, 6), torch.full((3,), 4)
+    w_ih = torch.randn(1, 6, 5)
+    out, h_n = kernels.layer_forward(x, w_ih, None, w, h0, lengths, False)
+    with pytest.raises(ValueError):
+        kernels.layer_forward(x, w_ih[:, :, :4].contiguous(), None, w, h0, lengths, False)
+    with pytest.raises(ValueError):
+        kernels.layer_backward(out[:3].contiguous(), h_n, x, w_ih, w, out, h0, lengths, False, True)
+    with pytest.raises(ValueError):
+        kernels.layer_backward(out, h_n[:, :2].contiguous(), x, w_ih, w, out, h0, lengths, False, True)
+    with pytest.raises(ValueError):
+        kernels.elman_backward(out[:3].contiguous(), h_n, out, w, lengths, False)

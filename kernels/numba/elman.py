@@ -407,15 +407,19 @@ def _check(lengths, batch, **named):
         raise ValueError(f"lengths must be int64 of shape ({batch},), got {lengths.dtype} {tuple(lengths.shape)}")
 
 
-def _check_recurrence(proj, w_hh, lengths, **named):
+def _check_recurrence(proj, w_hh, lengths, state, **named):
+    """proj (or out) (T, B, D, H), w_hh (D, H, H), the (D, B, H) state (h0 or grad_hn) and any other
+    tensor shaped like proj."""
     if proj.dim() != 4 or w_hh.shape != (proj.shape[2], proj.shape[3], proj.shape[3]):
         raise ValueError(f"expected proj (T, B, D, H) and w_hh (D, H, H), got {tuple(proj.shape)} and {tuple(w_hh.shape)}")
-    _check(lengths, proj.shape[1], proj=proj, w_hh=w_hh, **named)
+    if state.shape != (proj.shape[2], proj.shape[1], proj.shape[3]) or any(t.shape != proj.shape for t in named.values()):
+        raise ValueError(f"expected a (D, B, H) state and (T, B, D, H) tensors for proj {tuple(proj.shape)}")
+    _check(lengths, proj.shape[1], proj=proj, w_hh=w_hh, state=state, **named)
 
 
 def elman_forward(proj, w_hh, h0, lengths, relu):
     """Run the recurrence; returns out (T, B, D, H), zero past each length, and h_n (D, B, H)."""
-    _check_recurrence(proj, w_hh, lengths, h0=h0)
+    _check_recurrence(proj, w_hh, lengths, h0)
     _, batch, n_dir, _ = proj.shape
     out = torch.empty_like(proj)
     h_n = torch.empty_like(h0)
@@ -426,7 +430,7 @@ def elman_forward(proj, w_hh, h0, lengths, relu):
 
 def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu):
     """Reverse recurrence; returns grad_pre (T, B, D, H) = dLoss/dz, and grad_h0 (D, B, H)."""
-    _check_recurrence(out, w_hh, lengths, grad_out=grad_out, grad_hn=grad_hn)
+    _check_recurrence(out, w_hh, lengths, grad_hn, grad_out=grad_out)
     _, batch, n_dir, _ = out.shape
     grad_pre = torch.empty_like(out)
     grad_h0 = torch.empty_like(grad_hn)
@@ -442,12 +446,16 @@ def _is_small(x, w_hh):
     return seq_len * batch * n_dir * hidden * (n_in + hidden) <= _SMALL_LAYER_MACS
 
 
-def _check_layer_shapes(x, w_ih, w_hh, h0):
+def _check_layer_shapes(x, w_ih, w_hh, h0, *outputs_like):
+    """x (T, B, I), w_ih (D, H, I), w_hh (D, H, H), h0 (D, B, H); outputs_like: (T, B, D, H) ones."""
     n_dir, hidden, _ = w_hh.shape
-    if w_ih.shape != (n_dir, hidden, x.shape[2]) or h0.shape != (n_dir, x.shape[1], hidden):
+    out_shape = (x.shape[0], x.shape[1], n_dir, hidden)
+    if (w_ih.shape != (n_dir, hidden, x.shape[2]) or h0.shape != (n_dir, x.shape[1], hidden)
+            or any(t.shape != out_shape for t in outputs_like)):
         raise ValueError(
-            f"expected x (T, B, I), w_ih (D, H, I), w_hh (D, H, H), h0 (D, B, H), got {tuple(x.shape)}, "
-            f"{tuple(w_ih.shape)}, {tuple(w_hh.shape)}, {tuple(h0.shape)}"
+            f"expected x (T, B, I), w_ih (D, H, I), w_hh (D, H, H), h0 and grad_hn (D, B, H), out and "
+            f"grad_out (T, B, D, H), got x {tuple(x.shape)}, w_ih {tuple(w_ih.shape)}, w_hh {tuple(w_hh.shape)}, "
+            f"h0 {tuple(h0.shape)}"
         )
 
 
@@ -473,7 +481,9 @@ def layer_backward(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, inp
     exactly where :func:`layer_forward` returns None. ``out`` is (T, B, D, H)."""
     if not _is_small(x, w_hh):
         return None
-    _check_layer_shapes(x, w_ih, w_hh, h0)
+    _check_layer_shapes(x, w_ih, w_hh, h0, out, grad_out)
+    if grad_hn.shape != h0.shape:
+        raise ValueError(f"grad_hn must be shaped like h0 {tuple(h0.shape)}, got {tuple(grad_hn.shape)}")
     _check(lengths, x.shape[1], grad_out=grad_out, grad_hn=grad_hn, x=x, w_ih=w_ih, w_hh=w_hh, out=out, h0=h0)
     grads = _layer_bwd_kernel(*_arrays(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths), bool(relu), bool(input_grad))
     grad_x, *rest = map(torch.from_numpy, grads)

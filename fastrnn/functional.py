@@ -45,14 +45,15 @@ def elman(x, h0, w_ih, w_hh, bias=None, *, lengths=None, nonlinearity="tanh", ba
         raise RuntimeError(f"Expected hidden size {(n_dir, batch, hidden)}, got {list(h0.shape)}")
     valid_rows = None
     if lengths is None:
-        lengths = torch.full((batch,), seq_len, dtype=torch.int64)
+        lengths = torch.full((batch,), seq_len, dtype=torch.int64, device=x.device)
     elif lengths.shape != (batch,) or (batch and (int(lengths.min()) < 0 or int(lengths.max()) > seq_len)):
         raise ValueError(f"lengths must have shape ({batch},) with values in [0, {seq_len}]")
-    elif batch and int(lengths.min()) < seq_len:
-        valid_rows = valid_rows_of(lengths.to(x.device), seq_len)
+    else:
+        lengths = lengths.to(device=x.device, dtype=torch.int64)
+        if batch and int(lengths.min()) < seq_len:
+            valid_rows = valid_rows_of(lengths, seq_len)
     backend = backends.resolve(backend, x.device, x.dtype)
     _check_like(x, (("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("bias", bias)))
-    lengths = lengths.to(device=x.device, dtype=torch.int64)
     if backend == "torch":
         output, h_n = reference.elman(x, h0, w_ih, w_hh, bias, lengths, nonlinearity == "relu")
     else:

@@ -25,13 +25,13 @@ class RNN(nn.RNN):
         self.backend = backend
 
     def forward(self, input, hx=None):
-        data = input.data if isinstance(input, PackedSequence) else input
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
         backend = backends.resolve(getattr(self, "backend", None), data.device, data.dtype)
         if backend == "torch":
             return super().forward(input, hx)
         # The weights are read by name below, so nn.RNN's _flat_weights refresh is not needed.
         n_dir = 2 if self.bidirectional else 1
-        packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             x, lengths, packed_rows = functional.packed_to_padded(data, batch_sizes)

@@ -88,17 +88,18 @@ def _grad_w_hh(grad_pre, out, h0, lengths, valid_rows):
     rows = torch.arange(batch, device=out.device)
     for d in range(n_dir):
         dz, h = grad_pre[:, :, d], out[:, :, d]
-        shift = batch if d == 0 else -batch  # flat row of h_prev, relative to dz's row
+        # shift: how many flat rows h_prev lies before dz's row.
         if d == 0:
-            dz_first, later, earlier = dz[0], dz[1:], h[:-1]
+            dz_first, later, earlier, shift = dz[0], dz[1:], h[:-1], batch
         else:
-            dz_first, later, earlier = dz[(lengths - 1).clamp(min=0), rows], dz[:-1], h[1:]
+            dz_first, later, earlier, shift = dz[(lengths - 1).clamp(min=0), rows], dz[:-1], h[1:], -batch
         if valid_rows is None:
             later, earlier = later.reshape(-1, hidden), earlier.reshape(-1, hidden)
         else:
-            pairs = valid_rows[valid_rows >= batch] if d == 0 else valid_rows[valid_rows < (seq_len - 1) * batch]
-            later = dz.reshape(-1, hidden).index_select(0, pairs)
-            earlier = h.reshape(-1, hidden).index_select(0, pairs - shift)
+            previous = valid_rows - shift
+            pairs = (previous >= 0) & (previous < seq_len * batch)
+            later = dz.reshape(-1, hidden).index_select(0, valid_rows[pairs])
+            earlier = h.reshape(-1, hidden).index_select(0, previous[pairs])
         grads.append(torch.addmm(torch.mm(dz_first.t(), h0[d]), later.t(), earlier))
     return torch.stack(grads)
 

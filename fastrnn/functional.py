@@ -53,13 +53,16 @@ def elman(x, h0, w_ih, w_hh, bias=None, *, lengths=None, nonlinearity="tanh", ba
         if batch and int(lengths.min()) < seq_len:
             valid_rows = valid_rows_of(lengths, seq_len)
     backend = backends.resolve(backend, x.device, x.dtype)
-    _check_like(x, (("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("bias", bias)))
+    _check_like(x, (h0, w_ih, w_hh, bias), ("h0", "w_ih", "w_hh", "bias").__getitem__)
     if backend == "torch":
         output, h_n = reference.elman(x, h0, w_ih, w_hh, bias, lengths, nonlinearity == "relu")
     else:
         per_direction = [(w_ih[d], w_hh[d]) + (() if bias is None else (bias[d],)) for d in range(n_dir)]
         weights = [w for group in per_direction for w in group]
-        output, h_n = ops.rnn(x, h0, weights, [], lengths, valid_rows, 1, nonlinearity == "relu", backend)
+        rows = x if valid_rows is None else ops.select_rows(x, valid_rows)
+        output, h_n = ops.rnn(rows, h0, weights, [], lengths, valid_rows, seq_len, 1, nonlinearity == "relu", backend)
+        if valid_rows is not None:
+            output = ops.scatter_rows(output, valid_rows, seq_len, batch)
     return (output.transpose(0, 1) if batch_first else output), h_n
 
 
@@ -70,40 +73,40 @@ def valid_rows_of(lengths, seq_len):
     return (steps[:, None] < lengths[None, :]).reshape(-1).nonzero().squeeze(1)
 
 
-def _check_like(x, named_tensors):
-    for name, t in named_tensors:
+def _check_like(x, tensors, names):
+    """Every tensor (None allowed) has x's dtype and device; names(i) names tensor i in the error
+    (made only on error: formatting names on every call costs more than the checks)."""
+    for i, t in enumerate(tensors):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise RuntimeError(
-                f"{name} is {t.dtype} on {t.device} but input is {x.dtype} on {x.device}: they must match"
+                f"{names(i)} is {t.dtype} on {t.device} but input is {x.dtype} on {x.device}: they must match"
             )
 
 
-def packed_to_padded(data, batch_sizes):
-    """PackedSequence data (N, *) -> padded (T, B, *), lengths (B,), and the flat row t * B + b of
-    every packed row (ascending, as packed data is ordered), in the packed (sorted) batch order.
-    Differentiable."""
+def packed_layout(batch_sizes, device):
+    """A PackedSequence's padded layout: lengths (B,) and the flat row t * B + b of every packed row
+    (ascending, as packed data is ordered, on ``device``), in the packed (sorted) batch order."""
     seq_len = batch_sizes.numel()
     batch = int(batch_sizes[0]) if seq_len else 0
     lengths = (batch_sizes[None, :] > torch.arange(batch)[:, None]).sum(1)
-    rows = valid_rows_of(lengths, seq_len).to(data.device)
-    padded = data.new_zeros(seq_len * batch, *data.shape[1:]).index_copy(0, rows, data)
-    return padded.view(seq_len, batch, *data.shape[1:]), lengths, rows
+    return lengths, valid_rows_of(lengths, seq_len).to(device)
 
 
-def stack(x, hx, weights, *, num_layers, dropout, training, relu, lengths, packed_rows, backend):
-    """The multi-layer, optionally bidirectional RNN of ``torch.nn.RNN`` on padded input.
+def stack(x, hx, weights, *, seq_len, num_layers, dropout, training, relu, lengths, packed_rows, backend):
+    """The multi-layer, optionally bidirectional RNN of ``torch.nn.RNN``.
 
-    ``weights`` holds, per layer and direction, (w_ih, w_hh, b_ih, b_hh) or (w_ih, w_hh), in
-    ``nn.RNN``'s order. Dropout masks between layers are drawn as ``F.dropout`` draws them, on the
-    shape torch uses (the packed data when ``packed_rows``, the flat rows of packed input, are
-    given), so ``torch.manual_seed`` gives torch's masks.
+    x: padded (T, B, I), or with ``packed_rows`` (the flat rows t * B + b of packed input) the
+    packed data (N, I); the output comes in the same form. ``weights`` holds, per layer and
+    direction, (w_ih, w_hh, b_ih, b_hh) or (w_ih, w_hh), in ``nn.RNN``'s order. Dropout masks
+    between layers are drawn as ``F.dropout`` draws them, on the shape torch uses (the packed data
+    for packed input), so ``torch.manual_seed`` gives torch's masks.
     """
-    _check_like(x, (("hx", hx), *((f"weight {i}", w) for i, w in enumerate(weights))))
+    _check_like(x, (hx, *weights), lambda i: "hx" if i == 0 else f"weight {i - 1}")
     masks = []
     if dropout and training:
-        shape = (x.shape[0], x.shape[1], hx.shape[0] // num_layers * hx.shape[2])
+        shape = (seq_len, hx.shape[1], hx.shape[0] // num_layers * hx.shape[2])
         masks = [_dropout_mask(x.new_ones(shape), dropout, packed_rows) for _ in range(num_layers - 1)]
-    return ops.rnn(x, hx, weights, masks, lengths.to(x.device), packed_rows, num_layers, relu, backend)
+    return ops.rnn(x, hx, weights, masks, lengths.to(x.device), packed_rows, seq_len, num_layers, relu, backend)
 
 
 def _dropout_mask(ones, p, packed_rows):

@@ -33,9 +33,11 @@ class RNN(nn.RNN):
         # The weights are read by name below, so nn.RNN's _flat_weights refresh is not needed.
         n_dir = 2 if self.bidirectional else 1
         if packed:
-            data, batch_sizes, sorted_indices, unsorted_indices = input
-            x, lengths, packed_rows = functional.packed_to_padded(data, batch_sizes)
-            checked_input = data
+            # The fused op takes the packed rows as they are: no padded copy of the input.
+            x, batch_sizes, sorted_indices, unsorted_indices = input
+            lengths, packed_rows = functional.packed_layout(batch_sizes, x.device)
+            seq_len, batch = batch_sizes.numel(), lengths.numel()
+            checked_input = x
         else:
             batch_sizes = sorted_indices = unsorted_indices = packed_rows = None
             if input.dim() not in (2, 3):
@@ -52,27 +54,26 @@ class RNN(nn.RNN):
             elif hx is not None and hx.dim() != 3:
                 raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
             x = input.transpose(0, 1) if self.batch_first else input
-            lengths = torch.full((x.shape[1],), x.shape[0], dtype=torch.int64)
+            seq_len, batch = x.shape[:2]
+            lengths = torch.full((batch,), seq_len, dtype=torch.int64)
             checked_input = input
-        batch = x.shape[1]
         if hx is None:
             hx = x.new_zeros(self.num_layers * n_dir, batch, self.hidden_size)
         else:
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(checked_input, hx, batch_sizes)
-        if x.shape[0] == 0:
+        if seq_len == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         weights = [getattr(self, name) for name in self._flat_weights_names]
         output, h_n = functional.stack(
-            x, hx, weights,
+            x, hx, weights, seq_len=seq_len,
             num_layers=self.num_layers, dropout=self.dropout,
             training=self.training, relu=self.nonlinearity == "relu", lengths=lengths,
             packed_rows=packed_rows, backend=backend,
         )
         if packed:
-            packed_output = output.reshape(-1, output.shape[-1]).index_select(0, packed_rows)
-            return PackedSequence(packed_output, batch_sizes, sorted_indices, unsorted_indices), \
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
                 self.permute_hidden(h_n, unsorted_indices)
         if self.batch_first:
             output = output.transpose(0, 1)

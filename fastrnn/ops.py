@@ -10,6 +10,10 @@ and inter-layer dropout out of the autograd graph: they cost more than the kerne
 Per layer, everything that is not the recurrence itself is a GEMM over all T*B rows (with
 ``valid_rows``, over the valid tokens only): the input projection in forward, and ``dx``,
 ``dW_ih``, ``dW_hh`` and the bias gradient in backward.
+
+With ``valid_rows`` the op takes and returns the valid rows alone (a PackedSequence's data), not the
+padded (T, B, ...) layout: the input then never needs padding, and backward saves the output's
+valid rows rather than its padded copy.
 """
 import contextlib
 import math
@@ -44,32 +48,42 @@ def _stack(tensors):
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
-def _project(x, w_ih, bias, valid_rows):
-    """x (T, B, I) @ W_ih^T for every direction at once -> (T, B, D, H); with ``valid_rows`` only
-    those rows are computed (the others are left unset: kernels never read proj past a length)."""
-    seq_len, batch, n_in = x.shape
-    n_dir, hidden, _ = w_ih.shape
-    rows, weights = _rows(x, valid_rows), w_ih.reshape(n_dir * hidden, n_in).t()
+def _project(x, w_ih, bias, valid_rows, seq_len, batch):
+    """x @ W_ih^T for every direction at once -> (T, B, D, H); with ``valid_rows`` only those rows
+    are computed (the others are left unset: kernels never read proj past a length)."""
+    n_dir, hidden, n_in = w_ih.shape
+    rows, weights = select_rows(x, valid_rows), w_ih.reshape(n_dir * hidden, n_in).t()
     proj = torch.mm(rows, weights) if bias is None else torch.addmm(bias.reshape(-1), rows, weights)
     if valid_rows is not None:
         proj = proj.new_empty(seq_len * batch, n_dir * hidden).index_copy_(0, valid_rows, proj)
     return proj.view(seq_len, batch, n_dir, hidden)
 
 
-def _rows(t, valid_rows):
-    """(T, B, ...) -> the (T*B, ...) row matrix, or just its valid rows."""
+def select_rows(t, valid_rows):
+    """(T, B, ...) -> the (T*B, ...) row matrix, or just its valid rows. A 2-D t is taken to be
+    those rows already (a layer input given as valid rows)."""
+    if t.dim() == 2:
+        return t
     flat = t.reshape(t.shape[0] * t.shape[1], math.prod(t.shape[2:]))
     return flat if valid_rows is None else flat.index_select(0, valid_rows)
 
 
-def _layer_forward(x, h0, w_ih, w_hh, bias, lengths, valid_rows, relu, backend):
-    seq_len, batch, _ = x.shape
-    n_dir, hidden, _ = w_hh.shape
+def scatter_rows(rows, valid_rows, seq_len, batch):
+    """Valid rows (N, F) -> the padded (T, B, F), zero at the padding."""
+    padded = rows.new_zeros(seq_len * batch, rows.shape[1]).index_copy_(0, valid_rows, rows)
+    return padded.view(seq_len, batch, rows.shape[1])
+
+
+def _layer_forward(x, h0, w_ih, w_hh, bias, lengths, valid_rows, seq_len, relu, backend):
+    """x: (T, B, I) padded, or (N, I) valid rows."""
+    n_dir, hidden, n_in = w_ih.shape
+    batch = h0.shape[1]
     kernels = backends.kernels(backend)
-    whole_layer = kernels.layer_forward(x, w_ih, bias, w_hh, h0, lengths, relu)
-    if whole_layer is None:
-        whole_layer = kernels.elman_forward(_project(x, w_ih, bias, valid_rows), w_hh, h0, lengths, relu)
-    out, h_n = whole_layer
+    if kernels.fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden):
+        padded = x if x.dim() == 3 else scatter_rows(x, valid_rows, seq_len, batch)
+        out, h_n = kernels.layer_forward(padded, w_ih, bias, w_hh, h0, lengths, relu)
+    else:
+        out, h_n = kernels.elman_forward(_project(x, w_ih, bias, valid_rows, seq_len, batch), w_hh, h0, lengths, relu)
     return out.view(seq_len, batch, n_dir * hidden), h_n
 
 
@@ -105,24 +119,27 @@ def _grad_w_hh(grad_pre, out, h0, lengths, valid_rows):
 
 
 def _layer_backward(grad_out, grad_hn, x, h0, w_ih, w_hh, out, lengths, valid_rows, relu, backend, input_grad):
-    """Gradients of one layer: (x or None, h0, w_ih, w_hh, bias), weights stacked (D, ...)."""
-    seq_len, batch, n_in = x.shape
-    n_dir, hidden, _ = w_hh.shape
+    """Gradients of one layer: (x or None, h0, w_ih, w_hh, bias), weights stacked (D, ...).
+    x: (T, B, I) padded, or (N, I) valid rows (its gradient then comes as rows too); out padded."""
+    seq_len, batch = out.shape[:2]
+    n_dir, hidden, n_in = w_ih.shape
     out = out.view(seq_len, batch, n_dir, hidden)
     kernels = backends.kernels(backend)
     grad_out, grad_hn = grad_out.reshape(out.shape).contiguous(), grad_hn.contiguous()
-    whole_layer = kernels.layer_backward(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, input_grad)
-    if whole_layer is not None:
-        return whole_layer
+    if kernels.fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden):
+        padded = x if x.dim() == 3 else scatter_rows(x, valid_rows, seq_len, batch)
+        grad_x, *grads = kernels.layer_backward(grad_out, grad_hn, padded, w_ih, w_hh, out, h0, lengths, relu,
+                                                input_grad)
+        return (grad_x if grad_x is None or x.dim() == 3 else select_rows(grad_x, valid_rows)), *grads
     grad_pre, grad_h0 = kernels.elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu)
-    flat = _rows(grad_pre, valid_rows)
+    flat = select_rows(grad_pre, valid_rows)
     grad_x = None
     if input_grad:
         grad_x = torch.mm(flat, w_ih.reshape(n_dir * hidden, n_in))
-        if valid_rows is not None:
+        if x.dim() == 3 and valid_rows is not None:
             grad_x = grad_x.new_zeros(seq_len * batch, n_in).index_copy_(0, valid_rows, grad_x)
         grad_x = grad_x.view(x.shape)
-    grad_w_ih = torch.mm(flat.t(), _rows(x, valid_rows)).view(w_ih.shape)
+    grad_w_ih = torch.mm(flat.t(), select_rows(x, valid_rows)).view(w_ih.shape)
     grad_bias = flat.sum(0).view(n_dir, hidden)
     return grad_x, grad_h0, grad_w_ih, _grad_w_hh(grad_pre, out, h0, lengths, valid_rows), grad_bias
 
@@ -142,8 +159,9 @@ def _layer_input(x, outputs, masks, index):
     return outputs[index - 1] * masks[index - 1] if masks else outputs[index - 1]
 
 
-def _forward(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend):
-    """Returns output (T, B, D*H), h_n (L*D, B, H) and the outputs of layers 0..L-2 (for backward)."""
+def _forward(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend):
+    """Returns output (T, B, D*H) [its (N, D*H) valid rows with ``valid_rows``], h_n (L*D, B, H)
+    and the padded outputs of layers 0..L-2 (for backward)."""
     n_dir = hx.shape[0] // num_layers
     outputs, finals = [], []
     with profiler_label("fastrnn::rnn_fwd[{},L={},D={}]", backend, num_layers, n_dir):
@@ -152,18 +170,22 @@ def _forward(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backe
             with profiler_label("fastrnn.layer{}", index):
                 out, h_n = _layer_forward(
                     _layer_input(x, outputs, masks, index), _layer_states(hx, index, num_layers),
-                    w_ih, w_hh, bias, lengths, valid_rows, relu, backend,
+                    w_ih, w_hh, bias, lengths, valid_rows, seq_len, relu, backend,
                 )
             outputs.append(out)
             finals.append(h_n)
     h_n = finals[0] if num_layers == 1 else torch.cat(finals)
-    return outputs[-1], h_n, outputs[:-1]
+    output = outputs[-1] if valid_rows is None else select_rows(outputs[-1], valid_rows)
+    return output, h_n, outputs[:-1]
 
 
-def _backward(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, output, inner, num_layers, relu, backend,
-              input_grad):
+def _backward(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, output, inner, num_layers, relu,
+              backend, input_grad):
     """Gradients of x (None unless ``input_grad``), hx and every weight, in ``weights`` order."""
     n_dir = hx.shape[0] // num_layers
+    if valid_rows is not None:  # the kernels run on the padded layout
+        output = scatter_rows(output, valid_rows, seq_len, hx.shape[1])
+        grad_out = scatter_rows(grad_out, valid_rows, seq_len, hx.shape[1])
     per_dir = len(weights) // (num_layers * n_dir)
     outputs = [*inner, output]
     grad_hx = [grad_hn] * num_layers  # every slot is overwritten below
@@ -192,16 +214,17 @@ def _backward(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, out
 
 rnn_fwd = torch.library.custom_op(
     "fastrnn::rnn_fwd", _forward, mutates_args=(),
-    schema="(Tensor x, Tensor hx, Tensor[] weights, Tensor[] masks, Tensor lengths, Tensor? valid_rows, int num_layers, "
-    "bool relu, str backend) -> (Tensor, Tensor, Tensor[])",
+    schema="(Tensor x, Tensor hx, Tensor[] weights, Tensor[] masks, Tensor lengths, Tensor? valid_rows, int seq_len, "
+    "int num_layers, bool relu, str backend) -> (Tensor, Tensor, Tensor[])",
 )
 
 
 @rnn_fwd.register_fake
-def _(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend):
-    n_dir = hx.shape[0] // num_layers
-    layer_out = lambda: x.new_empty(x.shape[0], x.shape[1], n_dir * hx.shape[2])  # noqa: E731
-    return layer_out(), hx.new_empty(hx.shape), [layer_out() for _ in range(num_layers - 1)]
+def _(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend):
+    width = hx.shape[0] // num_layers * hx.shape[2]
+    layer_out = lambda: x.new_empty(seq_len, hx.shape[1], width)  # noqa: E731
+    output = layer_out() if valid_rows is None else x.new_empty(valid_rows.shape[0], width)
+    return output, hx.new_empty(hx.shape), [layer_out() for _ in range(num_layers - 1)]
 
 
 def _backward_op(*args):
@@ -214,24 +237,25 @@ def _backward_op(*args):
 rnn_bwd = torch.library.custom_op(
     "fastrnn::rnn_bwd", _backward_op, mutates_args=(),
     schema="(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor hx, Tensor[] weights, Tensor[] masks, Tensor lengths, "
-    "Tensor? valid_rows, Tensor output, Tensor[] inner, int num_layers, bool relu, str backend) -> (Tensor, Tensor, Tensor[])",
+    "Tensor? valid_rows, int seq_len, Tensor output, Tensor[] inner, int num_layers, bool relu, str backend) "
+    "-> (Tensor, Tensor, Tensor[])",
 )
 
 
 @rnn_bwd.register_fake
-def _(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, output, inner, num_layers, relu, backend):
+def _(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, output, inner, num_layers, relu, backend):
     return torch.empty_like(x), torch.empty_like(hx), [torch.empty_like(w) for w in weights]
 
 
 def _setup_context(ctx, inputs, output):
-    x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend = inputs
+    x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend = inputs
     output, _, inner = output
     # Weights are saved as the parameters themselves (stacked copies are remade in backward), and
     # deeper layers' inputs are remade from the previous output and its dropout mask.
     rows = () if valid_rows is None else (valid_rows,)
     ctx.save_for_backward(x, hx, lengths, output, *weights, *masks, *inner, *rows)
     ctx.counts = (len(weights), len(masks), len(rows))
-    ctx.config = (num_layers, relu, backend)
+    ctx.seq_len, ctx.config = seq_len, (num_layers, relu, backend)
 
 
 def _saved_arguments(ctx, grad_out, grad_hn):
@@ -243,12 +267,12 @@ def _saved_arguments(ctx, grad_out, grad_hn):
     valid_rows = rest[-1] if n_rows else None
     grad_out = torch.zeros_like(output) if grad_out is None else grad_out
     grad_hn = torch.zeros_like(hx) if grad_hn is None else grad_hn
-    return (grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, output, inner, *ctx.config)
+    return (grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, ctx.seq_len, output, inner, *ctx.config)
 
 
 def _op_gradients(ctx, grad_out, grad_hn, grad_inner):
     grad_x, grad_hx, grad_weights = rnn_bwd(*_saved_arguments(ctx, grad_out, grad_hn))
-    return grad_x, grad_hx, grad_weights, [None] * ctx.counts[1], None, None, None, None, None
+    return grad_x, grad_hx, grad_weights, [None] * ctx.counts[1], None, None, None, None, None, None
 
 
 rnn_fwd.register_autograd(_op_gradients, setup_context=_setup_context)
@@ -273,20 +297,22 @@ class _EagerRNN(torch.autograd.Function):
         return grad_x, grad_hx, None, None, None, None, *grad_weights
 
 
-def rnn(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend):
-    """The fused stack of ``nn.RNN`` on padded input; returns (output (T, B, D*H), h_n (L*D, B, H)).
+def rnn(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend):
+    """The fused stack of ``nn.RNN``; returns (output (T, B, D*H), h_n (L*D, B, H)).
 
     x (T, B, I); hx (L*D, B, H); weights as ``nn.RNN._flat_weights`` (per direction w_ih, w_hh and
-    zero, one or two biases, which are summed); masks: the L-1 dropout masks (already scaled) applied
-    to each layer's output before the next, or []; lengths (B,) int64 on x's device; valid_rows:
-    the flat indices t*B + b with t < lengths[b] (ascending), so that the GEMMs skip padding, or None.
+    zero, one or two biases, which are summed); masks: the L-1 dropout masks (already scaled, padded
+    (T, B, D*H)) applied to each layer's output before the next, or []; lengths (B,) int64 on x's
+    device; seq_len: T. valid_rows: None, or the flat indices t*B + b with t < lengths[b]
+    (ascending: a PackedSequence's order); then x and output are those rows alone, (N, I) and
+    (N, D*H), and the GEMMs skip the padding.
     """
     x, hx, weights = x.contiguous(), hx.contiguous(), [w.contiguous() for w in weights]
     if torch.compiler.is_compiling():
-        output, h_n, _ = rnn_fwd(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend)
+        output, h_n, _ = rnn_fwd(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend)
         return output, h_n
     if torch.is_grad_enabled() and (x.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights)):
-        return _EagerRNN.apply(x, hx, lengths, valid_rows, masks, (num_layers, relu, backend), *weights)
+        return _EagerRNN.apply(x, hx, lengths, valid_rows, masks, (seq_len, num_layers, relu, backend), *weights)
     # Nothing to differentiate: skip the autograd.Function (about 20 us, a fifth of a small call).
-    output, h_n, _ = _forward(x, hx, weights, masks, lengths, valid_rows, num_layers, relu, backend)
+    output, h_n, _ = _forward(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend)
     return output, h_n

@@ -70,6 +70,19 @@ def test_blocked_hand_matmul(n, k, m):
     np.testing.assert_allclose(out, a @ w, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 5), (4, 64), (13, 7), (64, 64)])
+def test_single_row_dot_products(n, k, dtype):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    v, w_rows = rng.standard_normal(k).astype(dtype), rng.standard_normal((n, k)).astype(dtype)
+    out = np.full(n, np.nan, dtype)
+    kernels._row_dots(v, w_rows, out)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(out, w_rows.astype("float64") @ v.astype("float64"), rtol=tol, atol=tol)
+
+
 def test_every_driver_is_exercised_above():
     assert kernels._threads() == 2, "conftest runs the suite with 2 threads"
     plans = {kernels._plan(B, D, H, torch.float32) for B, D, H in [(1, 1, 1), (5, 2, 13), (130, 1, 512)]}

@@ -1,6 +1,7 @@
 """The custom ops: opcheck, gradcheck, torch.compile, saved-for-backward bytes, double backward."""
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
 from fastrnn import functional, ops
@@ -27,8 +28,13 @@ def _stack_inputs(L=2, D=2, T=4, B=3, I=2, H=3, biases=2, dropout=True, skip_pad
             weights += [make(H, I if layer == 0 else D * H), make(H, H)] + [make(H) for _ in range(biases)]
     masks = [(torch.rand(T, B, D * H, generator=g) > 0.3).to(F64) / 0.7 for _ in range(L - 1)] if dropout else []
     lengths = torch.tensor([4, 1, 3])
-    valid_rows = functional.valid_rows_of(lengths, T) if skip_padding else None
-    return make(T, B, I), make(L * D, B, H), weights, masks, lengths, valid_rows, L
+    x = make(T, B, I)
+    if not skip_padding:
+        return x, make(L * D, B, H), weights, masks, lengths, None, T, L
+    # Skipping padding, the op takes and returns the valid rows alone.
+    valid_rows = functional.valid_rows_of(lengths, T)
+    x = make(len(valid_rows), I)
+    return x, make(L * D, B, H), weights, masks, lengths, valid_rows, T, L
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -42,8 +48,8 @@ def test_opcheck(relu, L, D, biases, dropout, skip_padding):
 @pytest.mark.parametrize("L,D", [(2, 2), (3, 1)])
 @pytest.mark.parametrize("skip_padding", [False, True])
 def test_gradcheck_stack_with_dropout_masks(L, D, skip_padding):
-    x, hx, weights, masks, lengths, valid_rows, _ = _stack_inputs(L=L, D=D, skip_padding=skip_padding)
-    fn = lambda x, hx, *weights: ops.rnn(x, hx, list(weights), masks, lengths, valid_rows, L, False, "numba")  # noqa: E731
+    x, hx, weights, masks, lengths, valid_rows, T, _ = _stack_inputs(L=L, D=D, skip_padding=skip_padding)
+    fn = lambda x, hx, *weights: ops.rnn(x, hx, list(weights), masks, lengths, valid_rows, T, L, False, "numba")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, hx, *weights))
 
 
@@ -137,11 +143,16 @@ def _saved_bytes(module, x):
 
 
 # torch's CPU path already keeps just x and the hidden states for one layer; from two layers on it
-# also keeps each layer's stacked output, which fastrnn shares with the next layer's input.
-@pytest.mark.parametrize("num_layers,bidirectional,bound", [(1, False, 1.01), (2, True, 0.8), (4, False, 0.7)])
-def test_saves_less_than_torch_for_backward(num_layers, bidirectional, bound):
+# also keeps each layer's stacked output, which fastrnn shares with the next layer's input. Packed,
+# fastrnn keeps the output's valid rows (as torch does) plus their int64 row index.
+@pytest.mark.parametrize("num_layers,bidirectional,packed,bound", [
+    (1, False, False, 1.01), (2, True, False, 0.8), (4, False, False, 0.7), (1, False, True, 1.05), (2, True, True, 1.0),
+])
+def test_saves_less_than_torch_for_backward(num_layers, bidirectional, packed, bound):
     ref, fast = twins(32, 32, num_layers=num_layers, bidirectional=bidirectional, dtype=torch.float32)
     x = torch.randn(50, 8, 32, requires_grad=True)
+    if packed:
+        x = pack_padded_sequence(x, torch.tensor([50, 45, 40, 30, 20, 10, 8, 5]), enforce_sorted=False)
     ours, theirs = _saved_bytes(fast, x), _saved_bytes(ref, x)
     assert 0 < ours <= theirs * bound, f"fastrnn saves {ours} B, torch {theirs} B"
 
@@ -155,29 +166,29 @@ def test_double_backward_raises_a_clear_error():
 
 
 def test_custom_op_backward_has_no_double_backward_either():
-    x, hx, weights, masks, lengths, valid_rows, L = _stack_inputs()
-    out, _, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, valid_rows, L, False, "numba")
+    x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs()
+    out, _, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
     (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="rnn_bwd"):
         grad_x.sum().backward()
 
 
 def test_eager_function_and_custom_op_agree_exactly():
-    x, hx, weights, masks, lengths, valid_rows, L = _stack_inputs()
+    x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs()
     results = []
     for fn in (ops.rnn, torch.ops.fastrnn.rnn_fwd):
-        out, h_n, *_ = fn(x, hx, weights, masks, lengths, valid_rows, L, False, "numba")
+        out, h_n, *_ = fn(x, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
         grads = torch.autograd.grad((out ** 2).sum() + h_n.sum(), (x, hx, *weights))
         results.append([out, h_n, *grads])
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_gradients_skip_an_input_that_needs_none():
-    x, hx, weights, masks, lengths, valid_rows, L = _stack_inputs()
+    x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs()
     x.requires_grad_(False)
-    out, h_n = ops.rnn(x, hx, weights, masks, lengths, valid_rows, L, False, "numba")
+    out, h_n = ops.rnn(x, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
     grads = torch.autograd.grad(out.sum() + h_n.sum(), (hx, *weights))
-    out, h_n, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, valid_rows, L, False, "numba")
+    out, h_n, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
     expected = torch.autograd.grad(out.sum() + h_n.sum(), (hx, *weights))
     assert all(torch.equal(a, b) for a, b in zip(grads, expected))
 

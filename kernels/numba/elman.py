@@ -86,6 +86,29 @@ def _matmul(a, w, out, use_blas):
         _hand_matmul(a, w, out)
 
 
+@njit(**_JIT)
+def _row_dots(v, w_rows, out):
+    """out[j] = w_rows[j] . v for one row vector: the single-row step product. Four dot products
+    share each load of v, and their sums stay in registers; the four-row ``_hand_matmul`` would
+    re-load and re-store the output row for every four elements of v (1.6x slower at H = 64)."""
+    n, k_dim = w_rows.shape
+    n_main = n - n % 4
+    for j in range(0, n_main, 4):
+        s0 = s1 = s2 = s3 = v.dtype.type(0.0)
+        for k in range(k_dim):
+            v_k = v[k]
+            s0 += w_rows[j, k] * v_k
+            s1 += w_rows[j + 1, k] * v_k
+            s2 += w_rows[j + 2, k] * v_k
+            s3 += w_rows[j + 3, k] * v_k
+        out[j], out[j + 1], out[j + 2], out[j + 3] = s0, s1, s2, s3
+    for j in range(n_main, n):
+        s = v.dtype.type(0.0)
+        for k in range(k_dim):
+            s += w_rows[j, k] * v[k]
+        out[j] = s
+
+
 @njit(inline="always", **_JIT)
 def _activation(z, relu, single):
     if relu:
@@ -133,17 +156,20 @@ def _start_rows(state_in, lengths, d, b0, stride, rows, padded_out, state):
 
 
 @njit(**_JIT)
-def _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, b0, stride, rows, use_blas, out, h_n):
-    """The whole forward time loop of one direction for the batch rows b0 + i * stride, i < rows."""
+def _fwd_task(proj, w_hh, w_hh_t, h0, lengths, relu, single, d, b0, stride, rows, use_blas, out, h_n):
+    """The whole forward time loop of one direction for the batch rows b0 + i * stride, i < rows.
+    h @ W_hh^T reads w_hh_t, or w_hh itself once a single row is left."""
     hidden = proj.shape[3]
     h = np.empty((rows, hidden), proj.dtype)
     acc = np.empty((rows, hidden), proj.dtype)
     longest = _start_rows(h0, lengths, d, b0, stride, rows, out, h)
-    w = w_hh_t[d]
     descending = _is_descending(lengths, b0, stride, rows)
     for step in range(longest):
         live = _live_rows(lengths, b0, stride, rows, step, descending)
-        _matmul(h[:live], w, acc[:live], use_blas)
+        if live == 1:
+            _row_dots(h[0], w_hh[d], acc[0])
+        else:
+            _matmul(h[:live], w_hh_t[d], acc[:live], use_blas)
         for i in range(live):
             b = b0 + i * stride
             length = lengths[b]
@@ -160,13 +186,14 @@ def _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, b0, stride, rows, use_
 
 @njit(**_JIT)
 def _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, stride, rows, use_blas, grad_pre, grad_h0):
-    """The whole reverse-time loop of one direction for the batch rows b0 + i * stride, i < rows."""
+    """The whole reverse-time loop of one direction for the batch rows b0 + i * stride, i < rows.
+    (dz @ W_hh keeps the row-wise product even for one row: its dot form would need W_hh^T, and
+    the transposed copy costs more than the dot form saves above H = 64.)"""
     hidden = out.shape[3]
     dh = np.empty((rows, hidden), out.dtype)
     dz = np.zeros((rows, hidden), out.dtype)
     dh_prev = np.empty((rows, hidden), out.dtype)
     longest = _start_rows(grad_hn, lengths, d, b0, stride, rows, grad_pre, dh)
-    w = w_hh[d]
     descending = _is_descending(lengths, b0, stride, rows)
     for step in range(longest - 1, -1, -1):
         live = _live_rows(lengths, b0, stride, rows, step, descending)
@@ -184,7 +211,7 @@ def _bwd_task(grad_out, grad_hn, out, w_hh, lengths, relu, d, b0, stride, rows, 
                         g = g * (1.0 - y * y)
                     dz[i, j] = g
                     grad_pre[t, b, d, j] = g
-        _matmul(dz[:live], w, dh_prev[:live], use_blas)
+        _matmul(dz[:live], w_hh[d], dh_prev[:live], use_blas)
         # Rows whose sequence has not started yet (in reverse order) keep their incoming dh.
         for i in range(live):
             if step < lengths[b0 + i * stride]:
@@ -206,8 +233,8 @@ def _task_rows(task, batch, rows_per_task):
 
 @njit(**_JIT)
 def _transposed(w_hh):
-    """w_hh[d].T for every direction, contiguous: the forward multiplies h @ W_hh^T row-wise.
-    Copied in 32x32 tiles, so that the strided side stays in cache at large H."""
+    """w_hh[d].T for every direction, contiguous: the forward multiplies several rows h @ W_hh^T
+    row-wise. Copied in 32x32 tiles, so that the strided side stays in cache at large H."""
     n_dir, hidden = w_hh.shape[0], w_hh.shape[1]
     w_t = np.empty_like(w_hh)
     for d in range(n_dir):
@@ -219,22 +246,29 @@ def _transposed(w_hh):
     return w_t
 
 
+@njit(**_JIT)
+def _transposed_for_rows(w_hh, batch):
+    """W_hh^T for steps with several rows; a lone row takes dot products with W_hh itself, so
+    batch 1 skips the copy (w_hh stands in, unread)."""
+    return _transposed(w_hh) if batch > 1 else w_hh
+
+
 # The parallel drivers split rows across Numba's threads (OpenMP, TBB or workqueue); the serial
 # ones run a single task without entering a parallel region.
 @njit(parallel=True, **_JIT)
 def _elman_fwd_kernel(proj, w_hh, h0, lengths, relu, single, rows_per_task, use_blas, out, h_n):
     batch, n_dir = proj.shape[1], proj.shape[2]
-    w_hh_t = _transposed(w_hh)
+    w_hh_t = _transposed_for_rows(w_hh, batch)
     for task in prange(n_dir * ((batch + rows_per_task - 1) // rows_per_task)):
         d, b0, stride, rows = _task_rows(task, batch, rows_per_task)
-        _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, b0, stride, rows, use_blas, out, h_n)
+        _fwd_task(proj, w_hh, w_hh_t, h0, lengths, relu, single, d, b0, stride, rows, use_blas, out, h_n)
 
 
 @njit(**_JIT)
 def _elman_fwd_serial_kernel(proj, w_hh, h0, lengths, relu, single, use_blas, out, h_n):
-    w_hh_t = _transposed(w_hh)
+    w_hh_t = _transposed_for_rows(w_hh, proj.shape[1])
     for d in range(proj.shape[2]):
-        _fwd_task(proj, w_hh_t, h0, lengths, relu, single, d, 0, 1, proj.shape[1], use_blas, out, h_n)
+        _fwd_task(proj, w_hh, w_hh_t, h0, lengths, relu, single, d, 0, 1, proj.shape[1], use_blas, out, h_n)
 
 
 @njit(parallel=True, **_JIT)
@@ -440,9 +474,9 @@ def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu):
     return grad_pre, grad_h0
 
 
-def _is_small(x, w_hh):
-    seq_len, batch, n_in = x.shape
-    n_dir, hidden, _ = w_hh.shape
+def fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden):
+    """Whether :func:`layer_forward` / :func:`layer_backward` are the faster way to run this layer;
+    above this size the caller's multi-threaded GEMMs around the recurrence kernels win."""
     return seq_len * batch * n_dir * hidden * (n_in + hidden) <= _SMALL_LAYER_MACS
 
 
@@ -464,10 +498,8 @@ def _bias_array(bias, like):
 
 
 def layer_forward(x, w_ih, bias, w_hh, h0, lengths, relu):
-    """The whole layer (projection and recurrence) in one call: (out (T, B, D, H), h_n), or None
-    when the layer is large enough that the caller's multi-threaded GEMMs are faster."""
-    if not _is_small(x, w_hh):
-        return None
+    """The whole layer (projection and recurrence) in one call, on one thread: (out (T, B, D, H),
+    h_n)."""
     _check_layer_shapes(x, w_ih, w_hh, h0)
     _check(lengths, x.shape[1], x=x, w_ih=w_ih, w_hh=w_hh, h0=h0, **({} if bias is None else {"bias": bias}))
     x_a, w_ih_a, w_hh_a, h0_a, lengths_a = _arrays(x, w_ih, w_hh, h0, lengths)
@@ -477,10 +509,8 @@ def layer_forward(x, w_ih, bias, w_hh, h0, lengths, relu):
 
 
 def layer_backward(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, input_grad):
-    """Every gradient of a layer in one call: (x or None, h0, w_ih, w_hh, bias (D, H)), or None
-    exactly where :func:`layer_forward` returns None. ``out`` is (T, B, D, H)."""
-    if not _is_small(x, w_hh):
-        return None
+    """Every gradient of a layer in one call, on one thread: (x or None, h0, w_ih, w_hh,
+    bias (D, H)). ``out`` is (T, B, D, H)."""
     _check_layer_shapes(x, w_ih, w_hh, h0, out, grad_out)
     if grad_hn.shape != h0.shape:
         raise ValueError(f"grad_hn must be shaped like h0 {tuple(h0.shape)}, got {tuple(grad_hn.shape)}")

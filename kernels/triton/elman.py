@@ -460,11 +460,6 @@ def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu, *, allow_tf32=No
     return grad_pre, grad_h0
 
 
-def layer_forward(x, w_ih, bias, w_hh, h0, lengths, relu):
-    """No whole-layer kernel on GPU: the caller's cuBLAS GEMMs feed :func:`elman_forward`."""
-    return None
-
-
-def layer_backward(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, input_grad):
-    """No whole-layer kernel on GPU: the caller's cuBLAS GEMMs consume :func:`elman_backward`."""
-    return None
+def fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden):
+    """No whole-layer kernel on GPU: the caller's cuBLAS GEMMs always surround the recurrence."""
+    return False

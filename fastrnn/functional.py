@@ -16,8 +16,9 @@ def elman(x, h0, w_ih, w_hh, bias=None, *, lengths=None, nonlinearity="tanh", ba
         h0: (D, B, H) initial state, or None for zeros.
         w_ih: (D, H, I); w_hh: (D, H, H); bias: (D, H) (``b_ih + b_hh``) or None.
         lengths: (B,) valid steps per sequence (right padding), or None for all T. Direction 1
-            runs each sequence backwards over its own valid steps. Padding must be finite: some
-            GEMMs multiply it by zero gradients.
+            runs each sequence backwards over its own valid steps. The fused backends never
+            read the padding; ``backend="torch"`` needs it finite (it multiplies it by zero
+            gradients).
         nonlinearity: ``"tanh"`` or ``"relu"``.
         backend: ``"auto"`` (default), ``"numba"``, ``"triton"`` or ``"torch"``; see
             :mod:`fastrnn.backends`.

@@ -74,14 +74,18 @@ def scatter_rows(rows, valid_rows, seq_len, batch):
     return padded.view(seq_len, batch, rows.shape[1])
 
 
+def _padded(x, valid_rows, seq_len, batch):
+    """A layer input as (T, B, I), from its valid rows if that is how it came."""
+    return x if x.dim() == 3 else scatter_rows(x, valid_rows, seq_len, batch)
+
+
 def _layer_forward(x, h0, w_ih, w_hh, bias, lengths, valid_rows, seq_len, relu, backend):
     """x: (T, B, I) padded, or (N, I) valid rows."""
     n_dir, hidden, n_in = w_ih.shape
     batch = h0.shape[1]
     kernels = backends.kernels(backend)
     if kernels.fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden):
-        padded = x if x.dim() == 3 else scatter_rows(x, valid_rows, seq_len, batch)
-        out, h_n = kernels.layer_forward(padded, w_ih, bias, w_hh, h0, lengths, relu)
+        out, h_n = kernels.layer_forward(_padded(x, valid_rows, seq_len, batch), w_ih, bias, w_hh, h0, lengths, relu)
     else:
         out, h_n = kernels.elman_forward(_project(x, w_ih, bias, valid_rows, seq_len, batch), w_hh, h0, lengths, relu)
     return out.view(seq_len, batch, n_dir * hidden), h_n
@@ -127,9 +131,8 @@ def _layer_backward(grad_out, grad_hn, x, h0, w_ih, w_hh, out, lengths, valid_ro
     kernels = backends.kernels(backend)
     grad_out, grad_hn = grad_out.reshape(out.shape).contiguous(), grad_hn.contiguous()
     if kernels.fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden):
-        padded = x if x.dim() == 3 else scatter_rows(x, valid_rows, seq_len, batch)
-        grad_x, *grads = kernels.layer_backward(grad_out, grad_hn, padded, w_ih, w_hh, out, h0, lengths, relu,
-                                                input_grad)
+        grad_x, *grads = kernels.layer_backward(grad_out, grad_hn, _padded(x, valid_rows, seq_len, batch), w_ih, w_hh,
+                                                out, h0, lengths, relu, input_grad)
         return (grad_x if grad_x is None or x.dim() == 3 else select_rows(grad_x, valid_rows)), *grads
     grad_pre, grad_h0 = kernels.elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu)
     flat = select_rows(grad_pre, valid_rows)
@@ -137,7 +140,7 @@ def _layer_backward(grad_out, grad_hn, x, h0, w_ih, w_hh, out, lengths, valid_ro
     if input_grad:
         grad_x = torch.mm(flat, w_ih.reshape(n_dir * hidden, n_in))
         if x.dim() == 3 and valid_rows is not None:
-            grad_x = grad_x.new_zeros(seq_len * batch, n_in).index_copy_(0, valid_rows, grad_x)
+            grad_x = scatter_rows(grad_x, valid_rows, seq_len, batch)
         grad_x = grad_x.view(x.shape)
     grad_w_ih = torch.mm(flat.t(), select_rows(x, valid_rows)).view(w_ih.shape)
     grad_bias = flat.sum(0).view(n_dir, hidden)
@@ -298,15 +301,17 @@ class _EagerRNN(torch.autograd.Function):
 
 
 def rnn(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend):
-    """The fused stack of ``nn.RNN``; returns (output (T, B, D*H), h_n (L*D, B, H)).
+    """The fused stack of ``nn.RNN``; returns (output, h_n (L*D, B, H)).
 
-    x (T, B, I); hx (L*D, B, H); weights as ``nn.RNN._flat_weights`` (per direction w_ih, w_hh and
+    x and output: padded (T, B, I) and (T, B, D*H), or the valid rows (see valid_rows); hx (L*D, B, H); weights as ``nn.RNN._flat_weights`` (per direction w_ih, w_hh and
     zero, one or two biases, which are summed); masks: the L-1 dropout masks (already scaled, padded
     (T, B, D*H)) applied to each layer's output before the next, or []; lengths (B,) int64 on x's
     device; seq_len: T. valid_rows: None, or the flat indices t*B + b with t < lengths[b]
     (ascending: a PackedSequence's order); then x and output are those rows alone, (N, I) and
     (N, D*H), and the GEMMs skip the padding.
     """
+    if (valid_rows is None) != (x.dim() == 3):
+        raise ValueError(f"x must be (T, B, I) without valid_rows and (N, I) with them, got {tuple(x.shape)}")
     x, hx, weights = x.contiguous(), hx.contiguous(), [w.contiguous() for w in weights]
     if torch.compiler.is_compiling():
         output, h_n, _ = rnn_fwd(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend)

@@ -204,3 +204,10 @@ def test_kernels_respect_torch_thread_count():
         assert numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_valid_rows_need_x_as_rows():
+    x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs()
+    padded = x.new_zeros(T, 3, x.shape[1])
+    with pytest.raises(ValueError, match="valid_rows"):
+        ops.rnn(padded, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")

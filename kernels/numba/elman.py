@@ -247,10 +247,10 @@ def _transposed(w_hh):
 
 
 @njit(**_JIT)
-def _transposed_for_rows(w_hh, batch):
+def _transposed_for_rows(w_hh, most_rows):
     """W_hh^T for steps with several rows; a lone row takes dot products with W_hh itself, so
-    batch 1 skips the copy (w_hh stands in, unread)."""
-    return _transposed(w_hh) if batch > 1 else w_hh
+    where no task has more than one row the copy is skipped (w_hh stands in, unread)."""
+    return _transposed(w_hh) if most_rows > 1 else w_hh
 
 
 # The parallel drivers split rows across Numba's threads (OpenMP, TBB or workqueue); the serial
@@ -258,7 +258,7 @@ def _transposed_for_rows(w_hh, batch):
 @njit(parallel=True, **_JIT)
 def _elman_fwd_kernel(proj, w_hh, h0, lengths, relu, single, rows_per_task, use_blas, out, h_n):
     batch, n_dir = proj.shape[1], proj.shape[2]
-    w_hh_t = _transposed_for_rows(w_hh, batch)
+    w_hh_t = _transposed_for_rows(w_hh, rows_per_task)
     for task in prange(n_dir * ((batch + rows_per_task - 1) // rows_per_task)):
         d, b0, stride, rows = _task_rows(task, batch, rows_per_task)
         _fwd_task(proj, w_hh, w_hh_t, h0, lengths, relu, single, d, b0, stride, rows, use_blas, out, h_n)
@@ -422,8 +422,9 @@ def _threads():
 
 
 def _arrays(*tensors):
-    # force=True detaches in C++ (cheaper than .detach().numpy()); it would copy only a tensor off
-    # the CPU or with a conj/neg bit, which _check has ruled out for the float CPU tensors here.
+    # force=True detaches in C++ (cheaper than .detach().numpy()). It copies only a tensor off the
+    # CPU (ruled out by _check) or with a conj/neg view bit (never set on the real float tensors
+    # the launchers allocate, so the outputs the kernels write are never copies).
     return [t.numpy(force=True) for t in tensors]
 
 

@@ -202,14 +202,19 @@ def test_tasks_cover_every_row_once_interleaved(batch, rows_per_task):
 
 
 def test_layer_and_backward_launchers_check_shapes_before_running():
-    x, w, h0, lengths = torch.randn(4, 3, 5), torch.randn(1, 6, 6), torch.zeros(1, 3, 6), torch.full((3,), 4)
-    w_ih = torch.randn(1, 6, 5)
-    out, h_n = kernels.layer_forward(x, w_ih, None, w, h0, lengths, False)
+    x, w, h0, lengths = torch.randn(4, 3, 5), torch.randn(6, 6), torch.zeros(1, 3, 6), torch.full((3,), 4)
+    params = [(torch.randn(6, 5), w, torch.zeros(6), torch.zeros(6))]
+    out, h_n = kernels.layer_forward(x, params, h0, lengths, False)
     with pytest.raises(ValueError):
-        kernels.layer_forward(x, w_ih[:, :, :4].contiguous(), None, w, h0, lengths, False)
+        kernels.layer_forward(x, [(params[0][0][:, :4].contiguous(), w)], h0, lengths, False)
+    with pytest.raises(ValueError):  # a bias of the wrong size
+        kernels.layer_forward(x, [(*params[0][:3], torch.zeros(5))], h0, lengths, False)
+    with pytest.raises(TypeError, match="direction 0 parameter 1"):
+        kernels.layer_forward(x, [(params[0][0], w.double())], h0, lengths, False)
     with pytest.raises(ValueError):
-        kernels.layer_backward(out[:3].contiguous(), h_n, x, w_ih, w, out, h0, lengths, False, True)
+        kernels.layer_backward(out[:3].contiguous(), h_n, x, params, out, h0, lengths, False, True)
     with pytest.raises(ValueError):
-        kernels.layer_backward(out, h_n[:, :2].contiguous(), x, w_ih, w, out, h0, lengths, False, True)
+        kernels.layer_backward(out, h_n[:, :2].contiguous(), x, params, out, h0, lengths, False, True)
+    w = w[None]
     with pytest.raises(ValueError):
         kernels.elman_backward(out[:3].contiguous(), h_n, out, w, lengths, False)

@@ -211,3 +211,19 @@ def test_valid_rows_need_x_as_rows():
     padded = x.new_zeros(T, 3, x.shape[1])
     with pytest.raises(ValueError, match="valid_rows"):
         ops.rnn(padded, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
+
+
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("biases", [0, 2])
+def test_single_fused_layer_node_matches_the_stack_op_exactly(D, biases, layer_kernels):
+    x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs(L=1, D=D, biases=biases, dropout=False,
+                                                                    skip_padding=False)
+    results = []
+    for fn in (ops.rnn, torch.ops.fastrnn.rnn_fwd):
+        out, h_n, *_ = fn(x, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
+        if fn is ops.rnn:  # a layer small enough to run whole takes the lean node
+            node = "_EagerFusedLayerBackward" if layer_kernels == "whole-layer" else "_EagerRNNBackward"
+            assert type(out.grad_fn).__name__ == node
+        grads = torch.autograd.grad((out ** 2).sum() + h_n.sum(), (x, hx, *weights))
+        results.append([out, h_n, *grads])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

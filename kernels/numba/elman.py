@@ -483,44 +483,72 @@ def fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden):
     return seq_len * batch * n_dir * hidden * (n_in + hidden) <= _SMALL_LAYER_MACS
 
 
-def _check_layer_shapes(x, w_ih, w_hh, h0, *outputs_like):
-    """x (T, B, I), w_ih (D, H, I), w_hh (D, H, H), h0 (D, B, H); outputs_like: (T, B, D, H) ones."""
-    n_dir, hidden, _ = w_hh.shape
+def _check_layer(lengths, x, params, h0, **outputs_like):
+    """x (T, B, I); params: per direction (w_ih (H, I), w_hh (H, H)[, b_ih (H,)[, b_hh (H,)]]);
+    h0 (D, B, H); outputs_like: tensors shaped (T, B, D, H). Then dtypes, devices, contiguity."""
+    n_dir, (hidden, n_in) = len(params), params[0][0].shape
+    shapes = ((hidden, n_in), (hidden, hidden), (hidden,), (hidden,))
     out_shape = (x.shape[0], x.shape[1], n_dir, hidden)
-    if (w_ih.shape != (n_dir, hidden, x.shape[2]) or h0.shape != (n_dir, x.shape[1], hidden)
-            or any(t.shape != out_shape for t in outputs_like)):
+    fits = x.dim() == 3 and x.shape[2] == n_in and h0.shape == (n_dir, x.shape[1], hidden)
+    for t in outputs_like.values():
+        fits = fits and t.shape == out_shape
+    for p in params:
+        fits = fits and len(p) == len(params[0])
+        for t, shape in zip(p, shapes):
+            fits = fits and t.shape == shape
+    if not fits:
         raise ValueError(
-            f"expected x (T, B, I), w_ih (D, H, I), w_hh (D, H, H), h0 and grad_hn (D, B, H), out and "
-            f"grad_out (T, B, D, H), got x {tuple(x.shape)}, w_ih {tuple(w_ih.shape)}, w_hh {tuple(w_hh.shape)}, "
-            f"h0 {tuple(h0.shape)}"
+            f"expected x (T, B, I), per direction w_ih (H, I), w_hh (H, H) and biases (H,), h0 and grad_hn "
+            f"(D, B, H), out and grad_out (T, B, D, H); got x {tuple(x.shape)}, h0 {tuple(h0.shape)}, parameters "
+            f"{[[tuple(t.shape) for t in p] for p in params]}"
         )
+    _check(lengths, x.shape[1], x=x, h0=h0, **outputs_like)
+    for d, p in enumerate(params):
+        for i, t in enumerate(p):
+            if not (t.is_cpu and t.dtype == x.dtype and t.is_contiguous()):  # named only on error
+                _check(lengths, x.shape[1], x=x, **{f"direction {d} parameter {i}": t})
 
 
-def _bias_array(bias, like):
-    return np.empty((0, 0), like.dtype) if bias is None else bias.numpy(force=True)
+def _stacked_arrays(params):
+    """Per-direction parameter tensors -> NumPy w_ih (D, H, I), w_hh (D, H, H) and bias (D, H) =
+    b_ih + b_hh, or an empty (0, 0) bias; in NumPy, at a fraction of the cost of torch ops."""
+    arrays = [_arrays(*p) for p in params]
+    biases = [None if len(a) == 2 else a[2] if len(a) == 3 else a[2] + a[3] for a in arrays]
+    if len(arrays) == 1:  # views
+        w_ih, w_hh, bias = arrays[0][0][None], arrays[0][1][None], None if biases[0] is None else biases[0][None]
+    else:
+        w_ih, w_hh = np.stack([a[0] for a in arrays]), np.stack([a[1] for a in arrays])
+        bias = None if biases[0] is None else np.stack(biases)
+    return w_ih, w_hh, np.empty((0, 0), w_ih.dtype) if bias is None else bias
 
 
-def layer_forward(x, w_ih, bias, w_hh, h0, lengths, relu):
+def layer_forward(x, params, h0, lengths, relu):
     """The whole layer (projection and recurrence) in one call, on one thread: (out (T, B, D, H),
-    h_n)."""
-    _check_layer_shapes(x, w_ih, w_hh, h0)
-    _check(lengths, x.shape[1], x=x, w_ih=w_ih, w_hh=w_hh, h0=h0, **({} if bias is None else {"bias": bias}))
-    x_a, w_ih_a, w_hh_a, h0_a, lengths_a = _arrays(x, w_ih, w_hh, h0, lengths)
-    out, h_n = _layer_fwd_kernel(x_a, w_ih_a, _bias_array(bias, x_a), w_hh_a, h0_a, lengths_a, bool(relu),
-                                 x.dtype == torch.float32)
+    h_n). params: per direction (w_ih, w_hh[, b_ih[, b_hh]]) as in ``nn.RNN``."""
+    _check_layer(lengths, x, params, h0)
+    w_ih, w_hh, bias = _stacked_arrays(params)
+    x_a, h0_a, lengths_a = _arrays(x, h0, lengths)
+    out, h_n = _layer_fwd_kernel(x_a, w_ih, bias, w_hh, h0_a, lengths_a, bool(relu), x.dtype == torch.float32)
     return torch.from_numpy(out), torch.from_numpy(h_n)
 
 
-def layer_backward(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, input_grad):
-    """Every gradient of a layer in one call, on one thread: (x or None, h0, w_ih, w_hh,
-    bias (D, H)). ``out`` is (T, B, D, H)."""
-    _check_layer_shapes(x, w_ih, w_hh, h0, out, grad_out)
+def layer_backward(grad_out, grad_hn, x, params, out, h0, lengths, relu, input_grad):
+    """Every gradient of a layer in one call, on one thread: (grad_x or None, grad_h0, per direction
+    a tuple of gradients matching ``params``; b_hh's is a copy of b_ih's, so that no two .grad
+    tensors share memory). ``out`` is (T, B, D, H)."""
+    _check_layer(lengths, x, params, h0, grad_out=grad_out, out=out)
     if grad_hn.shape != h0.shape:
         raise ValueError(f"grad_hn must be shaped like h0 {tuple(h0.shape)}, got {tuple(grad_hn.shape)}")
-    _check(lengths, x.shape[1], grad_out=grad_out, grad_hn=grad_hn, x=x, w_ih=w_ih, w_hh=w_hh, out=out, h0=h0)
-    grads = _layer_bwd_kernel(*_arrays(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths), bool(relu), bool(input_grad))
-    grad_x, *rest = map(torch.from_numpy, grads)
-    return (grad_x if input_grad else None, *rest)
+    _check(lengths, x.shape[1], grad_hn=grad_hn, h0=h0)
+    w_ih, w_hh, _ = _stacked_arrays(params)
+    grad_out_a, grad_hn_a, x_a, out_a, h0_a, lengths_a = _arrays(grad_out, grad_hn, x, out, h0, lengths)
+    grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias = _layer_bwd_kernel(
+        grad_out_a, grad_hn_a, x_a, w_ih, w_hh, out_a, h0_a, lengths_a, bool(relu), bool(input_grad))
+    n_params = len(params[0])
+    # Sliced in NumPy: a torch select per gradient costs more than the slicing and the copy.
+    grad_params = [tuple(map(torch.from_numpy, (grad_w_ih[d], grad_w_hh[d], grad_bias[d], grad_bias[d].copy())[:n_params]))
+                   for d in range(len(params))]
+    return (torch.from_numpy(grad_x) if input_grad else None), torch.from_numpy(grad_h0), grad_params
 
 
 def warm_up():
@@ -528,8 +556,9 @@ def warm_up():
     first call in a later process only loads them. ``python -m fastrnn.kernels.numba.elman``."""
     for dtype in (torch.float32, torch.float64):
         x, w, h0 = torch.zeros(2, 1, 4, dtype=dtype), torch.zeros(1, 4, 4, dtype=dtype), torch.zeros(1, 1, 4, dtype=dtype)
-        out, h_n = layer_forward(x, w, None, w, h0, torch.full((1,), 2), False)
-        layer_backward(out, h_n, x, w, w, out, h0, torch.full((1,), 2), False, True)
+        params = [(w[0], w[0])]
+        out, h_n = layer_forward(x, params, h0, torch.full((1,), 2), False)
+        layer_backward(out, h_n, x, params, out, h0, torch.full((1,), 2), False, True)
         for batch, use_blas in ((1, False), (2, False), (2, True)):
             proj = torch.zeros(2, batch, 1, 4, dtype=dtype)
             h0, lengths = torch.zeros(1, batch, 4, dtype=dtype), torch.full((batch,), 2)

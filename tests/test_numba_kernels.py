@@ -209,6 +209,8 @@ def test_layer_and_backward_launchers_check_shapes_before_running():
         kernels.layer_forward(x, [(params[0][0][:, :4].contiguous(), w)], h0, lengths, False)
     with pytest.raises(ValueError):  # a bias of the wrong size
         kernels.layer_forward(x, [(*params[0][:3], torch.zeros(5))], h0, lengths, False)
+    with pytest.raises(ValueError):  # a fifth parameter
+        kernels.layer_forward(x, [(*params[0], torch.zeros(6))], h0, lengths, False)
     with pytest.raises(TypeError, match="direction 0 parameter 1"):
         kernels.layer_forward(x, [(params[0][0], w.double())], h0, lengths, False)
     with pytest.raises(ValueError):

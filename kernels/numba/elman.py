@@ -489,7 +489,7 @@ def _check_layer(lengths, x, params, h0, **outputs_like):
     n_dir, (hidden, n_in) = len(params), params[0][0].shape
     shapes = ((hidden, n_in), (hidden, hidden), (hidden,), (hidden,))
     out_shape = (x.shape[0], x.shape[1], n_dir, hidden)
-    fits = x.dim() == 3 and x.shape[2] == n_in and h0.shape == (n_dir, x.shape[1], hidden)
+    fits = 2 <= len(params[0]) <= 4 and x.dim() == 3 and x.shape[2] == n_in and h0.shape == (n_dir, x.shape[1], hidden)
     for t in outputs_like.values():
         fits = fits and t.shape == out_shape
     for p in params:

@@ -308,6 +308,14 @@ class _EagerRNN(torch.autograd.Function):
         return grad_x, grad_hx, None, None, None, None, *grad_weights
 
 
+def _fused_layer_forward(x, hx, weights, lengths, relu, backend):
+    """One padded layer run whole by the backend's layer kernel: (output (T, B, D*H), h_n)."""
+    n_dir = hx.shape[0]
+    with profiler_label("fastrnn::rnn_fwd[{},L=1,D={}]", backend, n_dir):
+        out, h_n = backends.kernels(backend).layer_forward(x, _layer_params(weights, 0, 1, n_dir), hx, lengths, relu)
+    return out.view(x.shape[0], x.shape[1], n_dir * hx.shape[2]), h_n
+
+
 class _EagerFusedLayer(torch.autograd.Function):
     """One padded layer that the backend runs whole (``fuses_whole_layer``): the same launchers and
     results as :class:`_EagerRNN`, without the stack's per-layer bookkeeping (lists, per-layer
@@ -316,11 +324,7 @@ class _EagerFusedLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, hx, lengths, config, *weights):
-        relu, backend = config
-        n_dir = hx.shape[0]
-        with profiler_label("fastrnn::rnn_fwd[{},L=1,D={}]", backend, n_dir):
-            out, h_n = backends.kernels(backend).layer_forward(x, _layer_params(weights, 0, 1, n_dir), hx, lengths, relu)
-        output = out.view(x.shape[0], x.shape[1], n_dir * hx.shape[2])
+        output, h_n = _fused_layer_forward(x, hx, weights, lengths, *config)
         ctx.save_for_backward(x, hx, lengths, output, *weights)
         ctx.config = config
         return output, h_n
@@ -345,8 +349,9 @@ class _EagerFusedLayer(torch.autograd.Function):
 def rnn(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend):
     """The fused stack of ``nn.RNN``; returns (output, h_n (L*D, B, H)).
 
-    x and output: padded (T, B, I) and (T, B, D*H), or the valid rows (see valid_rows); hx (L*D, B, H); weights as ``nn.RNN._flat_weights`` (per direction w_ih, w_hh and
-    zero, one or two biases, which are summed); masks: the L-1 dropout masks (already scaled, padded
+    x and output: padded (T, B, I) and (T, B, D*H), or the valid rows (see valid_rows);
+    hx (L*D, B, H); weights as ``nn.RNN._flat_weights`` (per direction w_ih, w_hh and zero, one
+    or two biases, which are summed); masks: the L-1 dropout masks (already scaled, padded
     (T, B, D*H)) applied to each layer's output before the next, or []; lengths (B,) int64 on x's
     device; seq_len: T. valid_rows: None, or the flat indices t*B + b with t < lengths[b]
     (ascending: a PackedSequence's order); then x and output are those rows alone, (N, I) and
@@ -358,11 +363,14 @@ def rnn(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, b
     if torch.compiler.is_compiling():
         output, h_n, _ = rnn_fwd(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend)
         return output, h_n
+    fused_layer = num_layers == 1 and valid_rows is None and backends.kernels(backend).fuses_whole_layer(
+        seq_len, x.shape[1], x.shape[2], hx.shape[0], hx.shape[2])
     if torch.is_grad_enabled() and (x.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights)):
-        if num_layers == 1 and valid_rows is None and backends.kernels(backend).fuses_whole_layer(
-                seq_len, x.shape[1], x.shape[2], hx.shape[0], hx.shape[2]):
+        if fused_layer:
             return _EagerFusedLayer.apply(x, hx, lengths, (relu, backend), *weights)
         return _EagerRNN.apply(x, hx, lengths, valid_rows, masks, (seq_len, num_layers, relu, backend), *weights)
     # Nothing to differentiate: skip the autograd.Function (about 20 us, a fifth of a small call).
+    if fused_layer:
+        return _fused_layer_forward(x, hx, weights, lengths, relu, backend)
     output, h_n, _ = _forward(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend)
     return output, h_n

@@ -509,16 +509,17 @@ def _check_layer(lengths, x, params, h0, **outputs_like):
                 _check(lengths, x.shape[1], x=x, **{f"direction {d} parameter {i}": t})
 
 
-def _stacked_arrays(params):
+def _stacked_arrays(params, with_bias=True):
     """Per-direction parameter tensors -> NumPy w_ih (D, H, I), w_hh (D, H, H) and bias (D, H) =
-    b_ih + b_hh, or an empty (0, 0) bias; in NumPy, at a fraction of the cost of torch ops."""
-    arrays = [_arrays(*p) for p in params]
-    biases = [None if len(a) == 2 else a[2] if len(a) == 3 else a[2] + a[3] for a in arrays]
-    if len(arrays) == 1:  # views
-        w_ih, w_hh, bias = arrays[0][0][None], arrays[0][1][None], None if biases[0] is None else biases[0][None]
+    b_ih + b_hh (an empty (0, 0) one without biases or ``with_bias``); in NumPy, at a fraction of
+    the cost of torch ops. One direction takes views, two are stacked (copied)."""
+    arrays = [[t.numpy(force=True) for t in (p if with_bias else p[:2])] for p in params]
+    biases = None if len(arrays[0]) == 2 else [a[2] if len(a) == 3 else a[2] + a[3] for a in arrays]
+    if len(arrays) == 1:
+        w_ih, w_hh, bias = arrays[0][0][None], arrays[0][1][None], None if biases is None else biases[0][None]
     else:
         w_ih, w_hh = np.stack([a[0] for a in arrays]), np.stack([a[1] for a in arrays])
-        bias = None if biases[0] is None else np.stack(biases)
+        bias = None if biases is None else np.stack(biases)
     return w_ih, w_hh, np.empty((0, 0), w_ih.dtype) if bias is None else bias
 
 
@@ -540,7 +541,7 @@ def layer_backward(grad_out, grad_hn, x, params, out, h0, lengths, relu, input_g
     if grad_hn.shape != h0.shape:
         raise ValueError(f"grad_hn must be shaped like h0 {tuple(h0.shape)}, got {tuple(grad_hn.shape)}")
     _check(lengths, x.shape[1], grad_hn=grad_hn, h0=h0)
-    w_ih, w_hh, _ = _stacked_arrays(params)
+    w_ih, w_hh, _ = _stacked_arrays(params, with_bias=False)
     grad_out_a, grad_hn_a, x_a, out_a, h0_a, lengths_a = _arrays(grad_out, grad_hn, x, out, h0, lengths)
     grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias = _layer_bwd_kernel(
         grad_out_a, grad_hn_a, x_a, w_ih, w_hh, out_a, h0_a, lengths_a, bool(relu), bool(input_grad))

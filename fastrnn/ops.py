@@ -309,18 +309,17 @@ class _EagerRNN(torch.autograd.Function):
 
 
 def _fused_layer_forward(x, hx, weights, lengths, relu, backend):
-    """One padded layer run whole by the backend's layer kernel: (output (T, B, D*H), h_n)."""
+    """One padded layer that the backend runs whole: (output (T, B, D*H), h_n)."""
     n_dir = hx.shape[0]
     with profiler_label("fastrnn::rnn_fwd[{},L=1,D={}]", backend, n_dir):
-        out, h_n = backends.kernels(backend).layer_forward(x, _layer_params(weights, 0, 1, n_dir), hx, lengths, relu)
-    return out.view(x.shape[0], x.shape[1], n_dir * hx.shape[2]), h_n
+        return _layer_forward(x, hx, _layer_params(weights, 0, 1, n_dir), lengths, None, x.shape[0], relu, backend)
 
 
 class _EagerFusedLayer(torch.autograd.Function):
-    """One padded layer that the backend runs whole (``fuses_whole_layer``): the same launchers and
-    results as :class:`_EagerRNN`, without the stack's per-layer bookkeeping (lists, per-layer
-    slicing, labels), which cost about 20 us of a ~350 us training step at T=100, B=1, H=64
-    (measured in paired rounds on the 2-core EPYC)."""
+    """One padded layer that the backend runs whole (``fuses_whole_layer``): the same per-layer
+    functions and results as :class:`_EagerRNN`, without the stack's bookkeeping (layer loops and
+    lists, packing and unpacking the saved arguments), which cost about 20 us of a ~350 us
+    training step at T=100, B=1, H=64 (measured in paired rounds on the 2-core EPYC)."""
 
     @staticmethod
     def forward(ctx, x, hx, lengths, config, *weights):
@@ -338,11 +337,9 @@ class _EagerFusedLayer(torch.autograd.Function):
                                                     output, [], 1, relu, backend)
             return grad_x, grad_h0, None, None, *grad_weights
         n_dir = hx.shape[0]
-        out = output.view(x.shape[0], x.shape[1], n_dir, hx.shape[2])
         with profiler_label("fastrnn::rnn_bwd[{},L=1,D={}]", backend, n_dir):
-            grad_x, grad_h0, grad_params = backends.kernels(backend).layer_backward(
-                grad_out.reshape(out.shape).contiguous(), grad_hn.contiguous(), x, _layer_params(weights, 0, 1, n_dir),
-                out, hx, lengths, relu, ctx.needs_input_grad[0])
+            grad_x, grad_h0, grad_params = _layer_backward(grad_out, grad_hn, x, hx, _layer_params(weights, 0, 1, n_dir),
+                                                           output, lengths, None, relu, backend, ctx.needs_input_grad[0])
         return grad_x, grad_h0, None, None, *(grad for direction in grad_params for grad in direction)
 
 

@@ -28,12 +28,9 @@ def _stack_inputs(L=2, D=2, T=4, B=3, I=2, H=3, biases=2, dropout=True, skip_pad
             weights += [make(H, I if layer == 0 else D * H), make(H, H)] + [make(H) for _ in range(biases)]
     masks = [(torch.rand(T, B, D * H, generator=g) > 0.3).to(F64) / 0.7 for _ in range(L - 1)] if dropout else []
     lengths = torch.tensor([4, 1, 3])
-    x = make(T, B, I)
-    if not skip_padding:
-        return x, make(L * D, B, H), weights, masks, lengths, None, T, L
     # Skipping padding, the op takes and returns the valid rows alone.
-    valid_rows = functional.valid_rows_of(lengths, T)
-    x = make(len(valid_rows), I)
+    valid_rows = functional.valid_rows_of(lengths, T) if skip_padding else None
+    x = make(T, B, I) if valid_rows is None else make(len(valid_rows), I)
     return x, make(L * D, B, H), weights, masks, lengths, valid_rows, T, L
 
 

@@ -117,7 +117,8 @@ def _grad_w_hh(grad_pre, out, h0, lengths, valid_rows):
     seq_len, batch, n_dir, hidden = out.shape
     if seq_len == 0:
         return out.new_zeros(n_dir, hidden, hidden)
-    grads = []
+    # Written in place per direction: out-of-place addmm plus a stack cost ~80 us more at B=1, H=256.
+    grads = out.new_empty(n_dir, hidden, hidden)
     rows = torch.arange(batch, device=out.device)
     for d in range(n_dir):
         dz, h = grad_pre[:, :, d], out[:, :, d]
@@ -133,8 +134,9 @@ def _grad_w_hh(grad_pre, out, h0, lengths, valid_rows):
             pairs = (previous >= 0) & (previous < seq_len * batch)
             later = dz.reshape(-1, hidden).index_select(0, valid_rows[pairs])
             earlier = h.reshape(-1, hidden).index_select(0, previous[pairs])
-        grads.append(torch.addmm(torch.mm(dz_first.t(), h0[d]), later.t(), earlier))
-    return torch.stack(grads)
+        torch.mm(dz_first.t(), h0[d], out=grads[d])
+        grads[d].addmm_(later.t(), earlier)
+    return grads
 
 
 def _layer_backward(grad_out, grad_hn, x, h0, params, out, lengths, valid_rows, relu, backend, input_grad):

@@ -49,6 +49,8 @@ def test_tiny_run_writes_report_json_and_plots(tiny_run):
     if fused:  # a fused backend is available: speedups and saved-bytes comparisons exist
         assert all(r["speedup"] > 0 and r["speedup_min"] > 0 for r in fused)
         assert all(r["torch_saved_bytes"] > 0 for r in fused if r["mode"] == "train")
+        assert all(r["saved_beyond_outputs_bytes"] < r["torch_saved_beyond_outputs_bytes"]
+                   for r in fused if r["mode"] == "train")
     assert results["memory"] and all("step_bytes" in m for m in results["memory"])
     assert results["first_call"] and all("first_call_s" in r for r in results["first_call"])
     report = (out / "report.md").read_text()

@@ -125,8 +125,9 @@ def test_empty_sequence_gradients():
     assert all(bool((g == 0).all()) for g in grads[2:])
 
 
-def _saved_bytes(module, x):
-    """Bytes of the distinct storages autograd keeps for backward (views of one storage count once)."""
+def _saved_bytes(module, x, beyond_outputs=False):
+    """Bytes of the distinct storages autograd keeps for backward (views of one storage count once);
+    with ``beyond_outputs``, only those that are not the input's, a parameter's or a returned one's."""
     seen = {}
 
     def pack(t):
@@ -135,8 +136,10 @@ def _saved_bytes(module, x):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(seen.values())
+        output, h_n = module(x)
+    held = (getattr(x, "data", x), *module.parameters(), getattr(output, "data", output), h_n)
+    exclude = {t.untyped_storage().data_ptr() for t in held} if beyond_outputs else ()
+    return sum(n for ptr, n in seen.items() if ptr not in exclude)
 
 
 # torch's CPU path already keeps just x and the hidden states for one layer; from two layers on it
@@ -152,6 +155,21 @@ def test_saves_less_than_torch_for_backward(num_layers, bidirectional, packed, b
         x = pack_padded_sequence(x, torch.tensor([50, 45, 40, 30, 20, 10, 8, 5]), enforce_sorted=False)
     ours, theirs = _saved_bytes(fast, x), _saved_bytes(ref, x)
     assert 0 < ours <= theirs * bound, f"fastrnn saves {ours} B, torch {theirs} B"
+
+
+# fastrnn saves the output it returns, torch its own per-step states: beyond what the call returns,
+# one layer keeps only h0 and lengths (packed: also the int64 row index), a stack also its inner
+# layers' outputs.
+@pytest.mark.parametrize("num_layers,bidirectional,packed,bound", [
+    (1, False, False, 0.05), (1, True, False, 0.05), (2, False, False, 0.5), (1, False, True, 0.15),
+])
+def test_keeps_little_beyond_its_outputs_for_backward(num_layers, bidirectional, packed, bound):
+    ref, fast = twins(32, 32, num_layers=num_layers, bidirectional=bidirectional, dtype=torch.float32)
+    x = torch.randn(50, 8, 32, requires_grad=True)
+    if packed:
+        x = pack_padded_sequence(x, torch.tensor([50, 45, 40, 30, 20, 10, 8, 5]), enforce_sorted=False)
+    ours, theirs = _saved_bytes(fast, x, beyond_outputs=True), _saved_bytes(ref, x, beyond_outputs=True)
+    assert 0 < ours <= theirs * bound, f"fastrnn keeps {ours} B beyond its outputs, torch {theirs} B"
 
 
 def test_double_backward_raises_a_clear_error():

@@ -85,7 +85,8 @@ def _rows_for(case, mode, result, saved, peak, device, versions):
                 row[key + "ms_median"], row[key + "ms_min"] = parts[name]["ms_median"], parts[name]["ms_min"]
             if impl in saved:
                 row.update(saved[impl])
-                row["torch_saved_bytes"] = saved.get("torch", {}).get("saved_bytes")
+                for key in ("saved_bytes", "saved_beyond_outputs_bytes"):
+                    row["torch_" + key] = saved.get("torch", {}).get(key)
         if base:
             row["speedup"] = base["ms_median"] / stats["ms_median"]
             row["speedup_min"] = base["ms_min"] / stats["ms_min"]

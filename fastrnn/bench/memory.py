@@ -2,7 +2,9 @@
 
 - Bytes saved for backward: every tensor autograd keeps, seen through
   ``torch.autograd.graph.saved_tensors_hooks``, counted once per storage; the parameters and the
-  input are left out (they exist whether or not backward will run).
+  input are left out (they exist whether or not backward will run). A second count also leaves
+  out the storages of the call's outputs: what backward costs on top of them while the caller
+  holds them (as a following layer that saves its input does).
 - CPU peak: the resident-set high-water mark of one training step, each (implementation, case)
   in its own fresh process: ``python -m fastrnn.bench.memory --impl torch --case '{...}'``.
   Kernels are warmed up on a short sequence first and the high-water mark is reset
@@ -34,14 +36,18 @@ def saved_bytes(runner):
         storages[(storage.device.type, storage.data_ptr())] = storage.nbytes()
         return t
 
+    def key(t):
+        return t.device.type, t.untyped_storage().data_ptr()
+
     runner.zero_grad()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         outputs = runner.forward()
-    del outputs
     leaf = runner.x.data if isinstance(runner.x, PackedSequence) else runner.x
-    exclude = {(t.device.type, t.untyped_storage().data_ptr()) for t in (*runner.module.parameters(), leaf)}
+    exclude = {key(t) for t in (*runner.module.parameters(), leaf)}
     kept = {k: v for k, v in storages.items() if k not in exclude}
-    return {"saved_bytes": sum(kept.values()), "saved_storages": len(kept)}
+    returned = {key(t) for t in outputs}
+    beyond = sum(v for k, v in kept.items() if k not in returned)
+    return {"saved_bytes": sum(kept.values()), "saved_storages": len(kept), "saved_beyond_outputs_bytes": beyond}
 
 
 def cuda_peak(runner):

@@ -162,11 +162,15 @@ def _memory_section(results):
             same += 1  # the table lists the main shapes and every case that differs
             continue
         lines.append([r["label"], r["impl"], _bytes(r["torch_saved_bytes"]), _bytes(r["saved_bytes"]),
-                      f"{'+' if diff >= 0 else ''}{_bytes(diff)} ({100 * share:+.0f}%)"])
+                      f"{'+' if diff >= 0 else ''}{_bytes(diff)} ({100 * share:+.0f}%)",
+                      _bytes(r.get("torch_saved_beyond_outputs_bytes")), _bytes(r.get("saved_beyond_outputs_bytes"))])
     if lines:
         out.append("Bytes autograd keeps for backward (unique storages; parameters and input excluded); "
-                   "positive = fastrnn keeps less than torch:\n\n"
-                   + _table(["case", "impl", "torch", "impl", "saved against torch"], lines)
+                   "positive = fastrnn keeps less than torch. The last two columns also leave out the "
+                   "storages the call returns (output, h_n): what backward keeps on top of them while "
+                   "the caller holds them.\n\n"
+                   + _table(["case", "impl", "torch", "impl", "saved against torch",
+                             "torch beyond outputs", "impl beyond outputs"], lines)
                    + (f"\n\n{same} more cases are within 1% of torch." if same else ""))
     memory = results.get("memory", [])
     if memory:

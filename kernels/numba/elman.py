@@ -29,8 +29,9 @@ _JIT = dict(fastmath=_FASTMATH, nogil=True, cache=True)
 _BLAS_MIN_ROWS = {torch.float32: 64, torch.float64: 8}
 _BLAS_MIN_HIDDEN = 512
 # Whole-layer kernels run on one thread; up to this many multiply-adds per layer (T·B·D·H·(I+H))
-# the torch ops they replace cost more than a second thread saves (measured on Zen 4).
-_SMALL_LAYER_MACS = 1 << 21
+# the torch ops they replace cost more than a second thread saves (paired runs on Zen 4: 20-30%
+# faster at 3.3M, e.g. T=100 with B=1, H=128 or B=4, H=64; even at 4.1M; mixed from 6.5M on).
+_SMALL_LAYER_MACS = 1 << 22
 
 @njit(inline="always", **_JIT)
 def _rows_times_four(a, w, out, i, k):

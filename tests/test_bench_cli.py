@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from fastrnn.bench import cases
-from fastrnn.bench.__main__ import _parser
+from fastrnn.bench.__main__ import _default_out, _parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,6 +60,12 @@ def test_tiny_run_writes_report_json_and_plots(tiny_run):
         if (out / png).exists() or png == "memory.png":
             assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"]({png})" in report
+
+
+def test_quick_runs_do_not_overwrite_the_full_report():
+    env = {"gpu_name": None, "cpu_model": "Some CPU", "device": "cpu"}
+    full, quick = _default_out(env, "default"), _default_out(env, "quick")
+    assert quick != full and quick.startswith(full)
 
 
 def test_options_exist():

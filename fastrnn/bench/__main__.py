@@ -58,10 +58,12 @@ def _slug(text):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def _default_out(env):
+def _default_out(env, grid):
     name = env["gpu_name"] or env["cpu_model"]
     device = env["device"].split(":")[0]
     stem = f"{device}-{_slug(name)[:32].strip('-')}-{datetime.date.today().isoformat()}"
+    if grid != "default":  # a quick run must not overwrite the day's full report
+        stem += f"-{grid}"
     root = os.path.join(REPO, "bench") if os.path.isdir(os.path.join(REPO, "bench")) else "bench"
     return os.path.join(root, "results", stem)
 
@@ -156,7 +158,7 @@ def run(args):
         case_list = [c for c in case_list if c.section in keep]
     budget = timing.BUDGETS[grid]
     env = report.environment(device)
-    out = args.out or _default_out(env)
+    out = args.out or _default_out(env, grid)
     os.makedirs(out, exist_ok=True)
     base_dtype = dtypes[0] if dtypes else "float32"
     note = None

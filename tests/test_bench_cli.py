@@ -62,7 +62,7 @@ def test_tiny_run_writes_report_json_and_plots(tiny_run):
             assert f"]({png})" in report
 
 
-def test_quick_runs_do_not_overwrite_the_full_report():
+def test_other_grids_do_not_overwrite_the_default_report():
     env = {"gpu_name": None, "cpu_model": "Some CPU", "device": "cpu"}
     full, quick = _default_out(env, "default"), _default_out(env, "quick")
     assert quick != full and quick.startswith(full)

@@ -1,6 +1,7 @@
 """``python -m fastrnn.bench``: time fastrnn against torch.nn.RNN and write a report.
 
-Writes report.md, results.json and PNG plots to bench/results/<device>-<date>/ (or --out).
+Writes report.md, results.json and PNG plots to bench/results/<device>-<cpu or gpu>-<date>/,
+with -<grid> added for grids other than the default (or to --out).
 Progress goes to stderr, one line per case. See bench/README.md for how to read the report.
 """
 import argparse
@@ -35,7 +36,7 @@ def _parser():
                                    "sections run in the first; dtype sections only for the listed ones")
     p.add_argument("--backend", help="comma list of fastrnn backends to compare (default: every fused "
                                      "backend available on the device; 'torch' adds fastrnn's torch path)")
-    p.add_argument("--out", help="output directory (default bench/results/<device>-<date>)")
+    p.add_argument("--out", help="output directory (default bench/results/<device>-<cpu or gpu>-<date>[-<grid>])")
     p.add_argument("--sections", help="comma list of grid sections to run (main, sweep, long, layers, "
                                       "packed, padded, float64, bfloat16, float16, relu)")
     p.add_argument("--compile", action="store_true",
@@ -62,7 +63,7 @@ def _default_out(env, grid):
     name = env["gpu_name"] or env["cpu_model"]
     device = env["device"].split(":")[0]
     stem = f"{device}-{_slug(name)[:32].strip('-')}-{datetime.date.today().isoformat()}"
-    if grid != "default":  # a quick run must not overwrite the day's full report
+    if grid != "default":  # a quick or full run must not overwrite the day's default report
         stem += f"-{grid}"
     root = os.path.join(REPO, "bench") if os.path.isdir(os.path.join(REPO, "bench")) else "bench"
     return os.path.join(root, "results", stem)

@@ -29,8 +29,8 @@ _JIT = dict(fastmath=_FASTMATH, nogil=True, cache=True)
 _BLAS_MIN_ROWS = {torch.float32: 64, torch.float64: 8}
 _BLAS_MIN_HIDDEN = 512
 # Whole-layer kernels run on one thread; up to this many multiply-adds per layer (T·B·D·H·(I+H))
-# the torch ops they replace cost more than a second thread saves (paired runs on Zen 4: 20-30%
-# faster at 3.3M, e.g. T=100 with B=1, H=128 or B=4, H=64; even at 4.1M; mixed from 6.5M on).
+# the torch ops they replace cost more than a second thread saves (paired runs on 2-thread Zen 4:
+# 20-30% faster at 3.3M, e.g. T=100 with B=1, H=128 or B=4, H=64; even at 4.1M; mixed from 6.5M).
 _SMALL_LAYER_MACS = 1 << 22
 
 @njit(inline="always", **_JIT)
@@ -481,7 +481,11 @@ def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu):
 def fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden):
     """Whether :func:`layer_forward` / :func:`layer_backward` are the faster way to run this layer;
     above this size the caller's multi-threaded GEMMs around the recurrence kernels win."""
-    return seq_len * batch * n_dir * hidden * (n_in + hidden) <= _SMALL_LAYER_MACS
+    macs = seq_len * batch * n_dir * hidden * (n_in + hidden)
+    # Tuned with 2 threads. With more, those GEMMs get faster while the torch-op overhead the
+    # whole-layer call saves does not, so the crossover moves down (about 2x in a fixed-overhead
+    # cost model; not measured here).
+    return macs <= (_SMALL_LAYER_MACS if torch.get_num_threads() <= 2 else _SMALL_LAYER_MACS // 2)
 
 
 def _check_layer(lengths, x, params, h0, **outputs_like):

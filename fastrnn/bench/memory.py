@@ -31,13 +31,12 @@ def saved_bytes(runner):
     """Bytes (and storage count) that autograd saves for backward in one forward of ``runner``."""
     storages = {}
 
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[(storage.device.type, storage.data_ptr())] = storage.nbytes()
-        return t
-
     def key(t):
         return t.device.type, t.untyped_storage().data_ptr()
+
+    def pack(t):
+        storages[key(t)] = t.untyped_storage().nbytes()
+        return t
 
     runner.zero_grad()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -488,15 +488,19 @@ def fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden):
     return macs <= (_SMALL_LAYER_MACS if torch.get_num_threads() <= 2 else _SMALL_LAYER_MACS // 2)
 
 
-def _check_layer(lengths, x, params, h0, **outputs_like):
+def _check_layer(lengths, x, params, h0, grad_hn=None, **outputs_like):
     """x (T, B, I); params: per direction (w_ih (H, I), w_hh (H, H)[, b_ih (H,)[, b_hh (H,)]]);
-    h0 (D, B, H); outputs_like: tensors shaped (T, B, D, H). Then dtypes, devices, contiguity."""
+    h0 and grad_hn (if given) (D, B, H); outputs_like: tensors shaped (T, B, D, H). Then dtypes,
+    devices, contiguity."""
     n_dir, (hidden, n_in) = len(params), params[0][0].shape
     shapes = ((hidden, n_in), (hidden, hidden), (hidden,), (hidden,))
     out_shape = (x.shape[0], x.shape[1], n_dir, hidden)
     fits = 2 <= len(params[0]) <= 4 and x.dim() == 3 and x.shape[2] == n_in and h0.shape == (n_dir, x.shape[1], hidden)
     for t in outputs_like.values():
         fits = fits and t.shape == out_shape
+    if grad_hn is not None:
+        fits = fits and grad_hn.shape == h0.shape
+        outputs_like["grad_hn"] = grad_hn  # for the dtype, device and contiguity checks below
     for p in params:
         fits = fits and len(p) == len(params[0])
         for t, shape in zip(p, shapes):
@@ -504,7 +508,8 @@ def _check_layer(lengths, x, params, h0, **outputs_like):
     if not fits:
         raise ValueError(
             f"expected x (T, B, I), per direction w_ih (H, I), w_hh (H, H) and biases (H,), h0 and grad_hn "
-            f"(D, B, H), out and grad_out (T, B, D, H); got x {tuple(x.shape)}, h0 {tuple(h0.shape)}, parameters "
+            f"(D, B, H), out and grad_out (T, B, D, H); got x {tuple(x.shape)}, h0 {tuple(h0.shape)}, "
+            f"{'' if grad_hn is None else f'grad_hn {tuple(grad_hn.shape)}, '}parameters "
             f"{[[tuple(t.shape) for t in p] for p in params]}"
         )
     _check(lengths, x.shape[1], x=x, h0=h0, **outputs_like)
@@ -542,10 +547,7 @@ def layer_backward(grad_out, grad_hn, x, params, out, h0, lengths, relu, input_g
     """Every gradient of a layer in one call, on one thread: (grad_x or None, grad_h0, per direction
     a tuple of gradients matching ``params``; b_hh's is a copy of b_ih's, so that no two .grad
     tensors share memory). ``out`` is (T, B, D, H)."""
-    _check_layer(lengths, x, params, h0, grad_out=grad_out, out=out)
-    if grad_hn.shape != h0.shape:
-        raise ValueError(f"grad_hn must be shaped like h0 {tuple(h0.shape)}, got {tuple(grad_hn.shape)}")
-    _check(lengths, x.shape[1], grad_hn=grad_hn, h0=h0)
+    _check_layer(lengths, x, params, h0, grad_hn, grad_out=grad_out, out=out)
     w_ih, w_hh, _ = _stacked_arrays(params, with_bias=False)
     grad_out_a, grad_hn_a, x_a, out_a, h0_a, lengths_a = _arrays(grad_out, grad_hn, x, out, h0, lengths)
     grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias = _layer_bwd_kernel(

@@ -3,13 +3,20 @@
 - ``numba``: fused CPU kernels (float32, float64).
 - ``triton``: fused GPU kernels (float32, float16, bfloat16); on CPU only under ``TRITON_INTERPRET=1``.
 - ``torch``: PyTorch's own implementation, for everything the fused kernels do not cover.
+
+The principle, decided here per call: where the fused path cannot serve a mode (tracing,
+exporting, autocast, ``torch.func`` transforms, forward-mode AD, tensor subclasses, a dtype or
+device it lacks, a kernel that failed to build), fastrnn runs torch's own implementation, with
+identical results. A limitation of the fused path is never the user's error.
 """
 import functools
 import importlib
 import importlib.util
 import os
+import warnings
 
 import torch
+from torch.autograd import forward_ad
 
 BACKENDS = ("numba", "triton", "torch")
 ENV_VAR = "FASTRNN_BACKEND"
@@ -60,32 +67,90 @@ def requested(backend=None):
     return name
 
 
-def _under_functorch():
-    """torch.func transforms (grad, vmap, jvp) wrap tensors without storage: kernels cannot run.
-    Dynamo's tracing also shows a functorch interpreter, but there the custom ops are traced, so
-    compiling is not a transform."""
+# What ``auto`` runs per device type. CUDA stays on torch (cuDNN) until a committed GPU report shows
+# the Triton kernels ahead there; ``backend="triton"`` opts in.
+_AUTO = {"cpu": "numba"}
+# Fused backends that failed to compile or launch here: they hand every later call to torch.
+BROKEN = {}
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def torch_only_mode(tensors=()):
+    """Why the fused kernels cannot serve this call, or None where they can.
+
+    The kernels run on raw memory, outside torch's dispatcher, so every mode that records,
+    transforms or reinterprets tensor operations must see torch's own ops instead: tracing
+    (``jit.trace``, the legacy ONNX exporter), ``torch.export`` (and the dynamo ONNX exporter),
+    autocast, ``torch.func`` transforms (grad, vmap, jvp), forward-mode AD, and tensor subclasses
+    (``ExpandedWeights``, ``DTensor``, ...). ``torch.compile`` is none of these: it traces the
+    custom ops, which stand for the kernels. Cheap: a handful of flag reads and type checks.
+    """
+    if torch._C._is_any_autocast_enabled():  # torch's RNN casts its weights and inputs itself
+        return "autocast"
     if torch.compiler.is_compiling():
-        return False
-    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
+        return "exporting" if _is_exporting() else None
+    if torch._C._get_tracing_state() is not None:
+        return "tracing"
+    if _peek_functorch() is not None:
+        return "a torch.func transform"
+    if forward_ad._current_level >= 0:
+        return "forward-mode AD"
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return f"a tensor subclass ({type(t).__name__})"
+    return None
 
 
-def resolve(backend, device, dtype):
+def readable_by_kernels(tensors):
+    """Whether the kernels can read these tensors' memory: plain tensors, no subclass and no
+    functorch wrapper (such as the batched gradients that vmap over a backward pass hands to it)."""
+    return all(t is None or (type(t) in _PLAIN_TENSORS and not _is_functorch_wrapped(t)) for t in tensors)
+
+
+def _is_exporting():
+    return getattr(torch.compiler, "is_exporting", lambda: False)()
+
+
+_functorch = getattr(torch._C, "_functorch", None)
+_peek_functorch = getattr(_functorch, "peek_interpreter_stack", lambda: None)
+_is_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", lambda t: False)
+_is_legacy_batched = getattr(_functorch, "is_legacy_batchedtensor", lambda t: False)  # gradcheck's vmap
+
+
+def _is_functorch_wrapped(t):
+    return _is_wrapped(t) or _is_legacy_batched(t)
+
+
+def resolve(backend, device, dtype, tensors=()):
     """The backend that will run tensors of this device and dtype.
 
-    A backend named explicitly but not covering the device or dtype falls back to ``torch``, so
-    that fastrnn never fails where ``torch.nn.RNN`` works. So does autocast: torch's RNN casts its
-    weights and inputs itself there, which the fused ops do not.
+    Whatever the fused kernels cannot serve runs on ``torch``, so that fastrnn never fails, and is
+    never wrong, where ``torch.nn.RNN`` works: a backend named explicitly that does not cover the
+    device or dtype, a mode of :func:`torch_only_mode` (given the call's ``tensors``), and a backend
+    that failed here before (see :func:`mark_broken`).
     """
     name = requested(backend)
-    if torch._C._is_any_autocast_enabled() or _under_functorch():
+    if torch_only_mode(tensors) is not None:
         return "torch"
-    if name != "auto":
-        return name if _supports(name, device, dtype) else "torch"
-    device_default = "triton" if device.type == "cuda" else "numba"
-    if _installed(device_default) and _supports(device_default, device, dtype):
-        return device_default
-    return "torch"
+    if name == "auto":
+        name = _AUTO.get(device.type, "torch")
+        if name != "torch" and not _installed(name):
+            return "torch"
+    if name == "torch" or name in BROKEN or not _supports(name, device, dtype):
+        return "torch"
+    return name
+
+
+def mark_broken(name, error):
+    """A fused backend failed to compile or launch: warn once, and run torch from now on."""
+    if name not in BROKEN:
+        BROKEN[name] = error
+        warnings.warn(
+            f"fastrnn: the {name} kernels failed here ({type(error).__name__}: {error}); running torch's "
+            f"implementation instead from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 @functools.lru_cache(maxsize=None)

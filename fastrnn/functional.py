@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from . import backends, reference
 from . import ops
+from .rows import scatter_rows, select_rows
 
 _NONLINEARITIES = ("tanh", "relu")
 
@@ -53,17 +54,17 @@ def elman(x, h0, w_ih, w_hh, bias=None, *, lengths=None, nonlinearity="tanh", ba
         lengths = lengths.to(device=x.device, dtype=torch.int64)
         if batch and int(lengths.min()) < seq_len:
             valid_rows = valid_rows_of(lengths, seq_len)
-    backend = backends.resolve(backend, x.device, x.dtype)
+    backend = backends.resolve(backend, x.device, x.dtype, (x, h0, w_ih, w_hh, bias))
     _check_like(x, (h0, w_ih, w_hh, bias), ("h0", "w_ih", "w_hh", "bias").__getitem__)
     if backend == "torch":
         output, h_n = reference.elman(x, h0, w_ih, w_hh, bias, lengths, nonlinearity == "relu")
     else:
         per_direction = [(w_ih[d], w_hh[d]) + (() if bias is None else (bias[d],)) for d in range(n_dir)]
         weights = [w for group in per_direction for w in group]
-        rows = x if valid_rows is None else ops.select_rows(x, valid_rows)
+        rows = x if valid_rows is None else select_rows(x, valid_rows)
         output, h_n = ops.rnn(rows, h0, weights, [], lengths, valid_rows, seq_len, 1, nonlinearity == "relu", backend)
         if valid_rows is not None:
-            output = ops.scatter_rows(output, valid_rows, seq_len, batch)
+            output = scatter_rows(output, valid_rows, seq_len, batch)
     return (output.transpose(0, 1) if batch_first else output), h_n
 
 

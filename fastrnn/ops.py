@@ -17,10 +17,13 @@ padded (T, B, ...) layout: the input then never needs padding, and backward save
 valid rows rather than its padded copy.
 """
 import contextlib
-import math
-import torch
+from typing import List, Optional, Tuple
 
-from . import backends
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from .rows import scatter_rows, select_rows
 
 
 def profiler_label(template, *args):
@@ -70,21 +73,6 @@ def _project(x, w_ih, bias, valid_rows, seq_len, batch):
     if valid_rows is not None:
         proj = proj.new_empty(seq_len * batch, n_dir * hidden).index_copy_(0, valid_rows, proj)
     return proj.view(seq_len, batch, n_dir, hidden)
-
-
-def select_rows(t, valid_rows):
-    """(T, B, ...) -> the (T*B, ...) row matrix, or just its valid rows. A 2-D t is taken to be
-    those rows already (a layer input given as valid rows)."""
-    if t.dim() == 2:
-        return t
-    flat = t.reshape(t.shape[0] * t.shape[1], math.prod(t.shape[2:]))
-    return flat if valid_rows is None else flat.index_select(0, valid_rows)
-
-
-def scatter_rows(rows, valid_rows, seq_len, batch):
-    """Valid rows (N, F) -> the padded (T, B, F), zero at the padding."""
-    padded = rows.new_zeros(seq_len * batch, rows.shape[1]).index_copy_(0, valid_rows, rows)
-    return padded.view(seq_len, batch, rows.shape[1])
 
 
 def _padded(x, valid_rows, seq_len, batch):
@@ -181,7 +169,10 @@ def _layer_input(x, outputs, masks, index):
     return outputs[index - 1] * masks[index - 1] if masks else outputs[index - 1]
 
 
-def _forward(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend):
+def _forward(
+    x: Tensor, hx: Tensor, weights: List[Tensor], masks: List[Tensor], lengths: Tensor, valid_rows: Optional[Tensor],
+    seq_len: int, num_layers: int, relu: bool, backend: str,
+) -> Tuple[Tensor, Tensor, List[Tensor]]:
     """Returns output (T, B, D*H) [its (N, D*H) valid rows with ``valid_rows``], h_n (L*D, B, H)
     and the padded outputs of layers 0..L-2 (for backward)."""
     n_dir = hx.shape[0] // num_layers
@@ -225,11 +216,9 @@ def _backward(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq
     return grad_in, grad_hx[0] if num_layers == 1 else torch.cat(grad_hx), grad_weights
 
 
-rnn_fwd = torch.library.custom_op(
-    "fastrnn::rnn_fwd", _forward, mutates_args=(),
-    schema="(Tensor x, Tensor hx, Tensor[] weights, Tensor[] masks, Tensor lengths, Tensor? valid_rows, int seq_len, "
-    "int num_layers, bool relu, str backend) -> (Tensor, Tensor, Tensor[])",
-)
+# Schemas inferred from the type hints: ints become SymInts, so sequence length and batch stay
+# symbolic under torch.compile (no recompile per length).
+rnn_fwd = torch.library.custom_op("fastrnn::rnn_fwd", _forward, mutates_args=())
 
 
 @rnn_fwd.register_fake
@@ -240,19 +229,19 @@ def _(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, bac
     return output, hx.new_empty(hx.shape), [layer_out() for _ in range(num_layers - 1)]
 
 
-def _backward_op(*args):
-    grad_x, grad_hx, grad_weights = _backward(*args, input_grad=True)
+def _backward_op(
+    grad_out: Tensor, grad_hn: Tensor, x: Tensor, hx: Tensor, weights: List[Tensor], masks: List[Tensor],
+    lengths: Tensor, valid_rows: Optional[Tensor], seq_len: int, output: Tensor, inner: List[Tensor], num_layers: int,
+    relu: bool, backend: str,
+) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    grad_x, grad_hx, grad_weights = _backward(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len,
+                                              output, inner, num_layers, relu, backend, input_grad=True)
     # A custom op's outputs may not alias each other: the directions' gradients are views of one
     # stacked tensor.
     return grad_x, grad_hx, [g.clone() for g in grad_weights]
 
 
-rnn_bwd = torch.library.custom_op(
-    "fastrnn::rnn_bwd", _backward_op, mutates_args=(),
-    schema="(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor hx, Tensor[] weights, Tensor[] masks, Tensor lengths, "
-    "Tensor? valid_rows, int seq_len, Tensor output, Tensor[] inner, int num_layers, bool relu, str backend) "
-    "-> (Tensor, Tensor, Tensor[])",
-)
+rnn_bwd = torch.library.custom_op("fastrnn::rnn_bwd", _backward_op, mutates_args=())
 
 
 @rnn_bwd.register_fake
@@ -291,6 +280,43 @@ def _op_gradients(ctx, grad_out, grad_hn, grad_inner):
 rnn_fwd.register_autograd(_op_gradients, setup_context=_setup_context)
 
 
+def _torch_gradients(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu,
+                     needs_grad):
+    """Gradients of x, hx and weights (None where ``needs_grad`` is False) from torch's autograd through
+    the reference loop: for the backward passes the kernels cannot serve. With ``create_graph``
+    (grad mode on in backward) the gradients keep their graph, so higher derivatives are torch's."""
+    create_graph = torch.is_grad_enabled()
+    inputs = (x, hx, *weights)
+    with torch.enable_grad():
+        if not create_graph:  # a fresh graph over detached leaves, gone when this returns
+            inputs = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs_grad)]
+        output, h_n = reference.rnn(inputs[0], inputs[1], list(inputs[2:]), masks, lengths, valid_rows, seq_len,
+                                    num_layers, relu)
+        wanted = [t for t, need in zip(inputs, needs_grad) if need]
+        grads = iter(torch.autograd.grad((output, h_n), wanted, (grad_out, grad_hn), allow_unused=True,
+                                         create_graph=create_graph))
+    return [next(grads) if need else None for need in needs_grad]
+
+
+def _on_torch_in_backward(backend, grad_out, grad_hn):
+    """Whether a backward pass runs :func:`_torch_gradients`: higher-order gradients
+    (``create_graph``), gradients the kernels cannot read (vmap over backward, subclasses), or a
+    backend that failed here."""
+    return torch.is_grad_enabled() or not backends.readable_by_kernels((grad_out, grad_hn)) or backend in backends.BROKEN
+
+
+def _guarded(backend, fused, fallback):
+    """fused(), or for Triton, whose kernels compile on first use, fallback() after a compile or
+    launch failure (warned about once; later calls then run torch)."""
+    if backend != "triton":
+        return fused()
+    try:
+        return fused()
+    except Exception as error:  # noqa: BLE001 - any compiler or driver error
+        backends.mark_broken(backend, error)
+        return fallback()
+
+
 class _EagerRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, hx, lengths, valid_rows, masks, config, *weights):
@@ -301,13 +327,24 @@ class _EagerRNN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_hn):
         arguments = _saved_arguments(ctx, grad_out, grad_hn)
-        if torch.is_grad_enabled():
-            # create_graph: go through the custom op, which has no autograd of its own, so a double
-            # backward fails loudly naming fastrnn::rnn_bwd instead of silently missing terms.
-            grad_x, grad_hx, grad_weights = rnn_bwd(*arguments)
+        grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, _, _, num_layers, relu, backend = arguments
+        needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[6:])
+
+        def on_torch():
+            return _torch_gradients(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers,
+                                    relu, needs_grad)
+
+        if _on_torch_in_backward(backend, grad_out, grad_hn):
+            grad_x, grad_hx, *grad_weights = on_torch()
         else:
-            grad_x, grad_hx, grad_weights = _backward(*arguments, ctx.needs_input_grad[0])
+            grad_x, grad_hx, grad_weights = _guarded(
+                backend, lambda: _backward(*arguments, ctx.needs_input_grad[0]), lambda: _regrouped(on_torch()))
         return grad_x, grad_hx, None, None, None, None, *grad_weights
+
+
+def _regrouped(gradients):
+    grad_x, grad_hx, *grad_weights = gradients
+    return grad_x, grad_hx, grad_weights
 
 
 def _fused_layer_forward(x, hx, weights, lengths, relu, backend):
@@ -334,9 +371,10 @@ class _EagerFusedLayer(torch.autograd.Function):
     def backward(ctx, grad_out, grad_hn):
         x, hx, lengths, output, *weights = ctx.saved_tensors
         relu, backend = ctx.config
-        if torch.is_grad_enabled():  # create_graph: fail loudly through the custom op, as _EagerRNN does
-            grad_x, grad_h0, grad_weights = rnn_bwd(grad_out, grad_hn, x, hx, weights, [], lengths, None, x.shape[0],
-                                                    output, [], 1, relu, backend)
+        if _on_torch_in_backward(backend, grad_out, grad_hn):
+            needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[4:])
+            grad_x, grad_h0, *grad_weights = _torch_gradients(grad_out, grad_hn, x, hx, weights, [], lengths, None,
+                                                              x.shape[0], 1, relu, needs_grad)
             return grad_x, grad_h0, None, None, *grad_weights
         n_dir = hx.shape[0]
         with profiler_label("fastrnn::rnn_bwd[{},L=1,D={}]", backend, n_dir):
@@ -362,6 +400,14 @@ def rnn(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, b
     if torch.compiler.is_compiling():
         output, h_n, _ = rnn_fwd(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend)
         return output, h_n
+    return _guarded(
+        backend,
+        lambda: _eager(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend),
+        lambda: reference.rnn(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu),
+    )
+
+
+def _eager(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend):
     fused_layer = num_layers == 1 and valid_rows is None and backends.kernels(backend).fuses_whole_layer(
         seq_len, x.shape[1], x.shape[2], hx.shape[0], hx.shape[2])
     if torch.is_grad_enabled() and (x.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights)):

@@ -4,6 +4,8 @@ Differentiable through ordinary autograd; slow, simple, and correct for any dtyp
 """
 import torch
 
+from .rows import scatter_rows, select_rows
+
 
 def elman(x, h0, w_ih, w_hh, bias, lengths, relu):
     """One layer, D directions. x (T, B, I), h0 (D, B, H), w_ih (D, H, I), w_hh (D, H, H),
@@ -41,3 +43,29 @@ def elman(x, h0, w_ih, w_hh, bias, lengths, relu):
         outputs.append(out)
         finals.append(h)
     return torch.cat(outputs, dim=2), torch.stack(finals)
+
+
+def rnn(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu):
+    """What :func:`fastrnn.ops.rnn` computes (same arguments, less the backend), as the loop above:
+    the torch twin behind the modes the fused kernels cannot serve (higher-order and batched
+    gradients, kernels that failed). Returns (output, h_n)."""
+    n_dir = hx.shape[0] // num_layers
+    batch = hx.shape[1]
+    per_layer = len(weights) // num_layers
+    layer_input = x if valid_rows is None else scatter_rows(x, valid_rows, seq_len, batch)
+    finals = []
+    for index in range(num_layers):
+        if index > 0 and masks:
+            layer_input = layer_input * masks[index - 1]
+        params = weights[index * per_layer:(index + 1) * per_layer]
+        per_dir = per_layer // n_dir
+        w_ih = torch.stack(params[0::per_dir])
+        w_hh = torch.stack(params[1::per_dir])
+        bias = None if per_dir == 2 else sum(torch.stack(params[i::per_dir]) for i in range(2, per_dir))
+        layer_input, h_n = elman(layer_input, hx[index * n_dir:(index + 1) * n_dir], w_ih, w_hh, bias, lengths, relu)
+        finals.append(h_n)
+    output = layer_input
+    if valid_rows is not None:
+        output = select_rows(output, valid_rows)
+    return output, torch.cat(finals)
+

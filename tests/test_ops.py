@@ -4,7 +4,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
-from fastrnn import functional, ops
+from fastrnn import backends, functional, ops
 from helpers import assert_close, example, twins
 
 pytestmark = pytest.mark.usefixtures("layer_kernels")
@@ -172,15 +172,14 @@ def test_keeps_little_beyond_its_outputs_for_backward(num_layers, bidirectional,
     assert 0 < ours <= theirs * bound, f"fastrnn keeps {ours} B beyond its outputs, torch {theirs} B"
 
 
-def test_double_backward_raises_a_clear_error():
-    x, h0, w_ih, w_hh, b = _layer_inputs()
-    out, _ = functional.elman(x, h0, w_ih, w_hh, b, backend="numba")
-    (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="rnn_bwd"):
-        grad_x.sum().backward()
+def test_double_backward_of_unsorted_lengths_is_torchs():
+    inputs, lengths = _layer_inputs(T=5), torch.tensor([2, 5, 3])
+    assert torch.autograd.gradgradcheck(
+        lambda *a: functional.elman(*a, lengths=lengths, backend="numba"), inputs)
 
 
-def test_custom_op_backward_has_no_double_backward_either():
+def test_custom_op_backward_has_no_double_backward():
+    """Like torch.compile itself (AOTAutograd has no double backward): it fails loudly."""
     x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs()
     out, _, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
     (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
@@ -208,15 +207,25 @@ def test_gradients_skip_an_input_that_needs_none():
     assert all(torch.equal(a, b) for a, b in zip(grads, expected))
 
 
-def test_kernels_respect_torch_thread_count():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_respect_torch_thread_count(threads, monkeypatch):
+    """One torch thread: no parallel region at all (the serial kernels); more: that many Numba
+    threads. Either way torch's own setting stays as the user left it."""
     import numba
 
+    kernels = backends.kernels("numba")
+    parallel_calls = []
+    original = kernels._elman_fwd_kernel
+    monkeypatch.setattr(kernels, "_elman_fwd_kernel", lambda *a: parallel_calls.append(1) or original(*a))
     ref, fast = twins(4, 8, dtype=torch.float32)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        fast(torch.randn(800, 256, 4))  # 19.7M multiply-adds: well inside the multi-threaded split path
-        assert numba.get_num_threads() == 1
+        torch.set_num_threads(threads)
+        fast(torch.randn(800, 256, 4))  # 19.7M multiply-adds: well inside the split path
+        assert torch.get_num_threads() == threads
+        assert bool(parallel_calls) == (threads > 1)
+        if threads > 1:
+            assert numba.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
 

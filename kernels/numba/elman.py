@@ -381,10 +381,12 @@ def _single_threaded_blas():
 
 
 def _plan(batch, n_dir, hidden, dtype):
-    """(use_blas, rows_per_task); rows_per_task is None where a single task runs serially."""
-    rows = _rows_per_task(batch, n_dir, _threads())
+    """(use_blas, rows_per_task); rows_per_task is None where the tasks run serially: one task, or
+    one thread (then no parallel region starts, which keeps forked children safe, as in torch)."""
+    threads = _threads()
+    rows = _rows_per_task(batch, n_dir, threads)
     use_blas = _OPENBLAS is not None and rows >= _BLAS_MIN_ROWS[dtype] and hidden >= _BLAS_MIN_HIDDEN
-    return use_blas, (rows if n_dir * -(-batch // rows) > 1 else None)
+    return use_blas, (rows if threads > 1 and n_dir * -(-batch // rows) > 1 else None)
 
 
 _PARALLEL_LOCK = threading.Lock()
@@ -406,6 +408,7 @@ def _launch(parallel_kernel, serial_kernel, args, outputs, batch, n_dir, hidden,
         if rows is None:
             serial_kernel(*args, use_blas, *outputs)
         else:
+            _set_numba_threads(_threads())
             with _parallel_region_guard():
                 parallel_kernel(*args, rows, use_blas, *outputs)
 
@@ -417,9 +420,16 @@ def _rows_per_task(batch, n_dir, threads):
 
 
 def _threads():
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _set_numba_threads(threads):
+    """Numba's thread count for the next parallel kernel. Starting Numba's OpenMP pool sets the
+    OpenMP thread count, which torch shares and reads as its own: put the user's setting back."""
+    before = torch.get_num_threads()
     numba.set_num_threads(threads)
-    return threads
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
 
 
 def _arrays(*tensors):

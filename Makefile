@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench bench-quick gpu-check profile clean
+.PHONY: lint format test bench bench-quick gpu-check profile clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,15 @@ $(STAMP): pyproject.toml
 	# Compile the Numba kernels into their on-disk cache now, not on a user's first call.
 	$(PY) -m fastrnn.kernels.numba.elman
 	touch $(STAMP)
+
+# ruff's settings live in pyproject.toml; `make format` rewrites the tree the way lint checks it.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,8 +1,13 @@
 """fastrnn: a drop-in ``torch.nn.RNN`` whose time loop and backward pass run as fused kernels."""
+from importlib import metadata as _metadata
+
 from . import functional
 from .backends import available_backends
 from .convert import convert
 from .nn import RNN
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("fastrnn")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 __all__ = ["RNN", "convert", "functional", "available_backends", "__version__"]

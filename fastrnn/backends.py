@@ -9,13 +9,17 @@ exporting, autocast, ``torch.func`` transforms, forward-mode AD, tensor subclass
 device it lacks, a kernel that failed to build), fastrnn runs torch's own implementation, with
 identical results. A limitation of the fused path is never the user's error.
 """
+from __future__ import annotations
+
 import functools
 import importlib
 import importlib.util
 import os
 import warnings
+from collections.abc import Iterable
 
 import torch
+from torch import Tensor
 from torch.autograd import forward_ad
 
 BACKENDS = ("numba", "triton", "torch")
@@ -40,7 +44,7 @@ def _triton_interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def available_backends():
+def available_backends() -> list[str]:
     """Backends that can run on this machine, fastest first."""
     usable = []
     if _installed("numba"):
@@ -57,7 +61,7 @@ def _supports(name, device, dtype):
     return on_device and dtype in _DTYPES[name]
 
 
-def requested(backend=None):
+def requested(backend: str | None = None) -> str:
     """The validated backend name asked for (argument, then env var, then ``auto``)."""
     name = backend or os.environ.get(ENV_VAR) or "auto"
     if name not in BACKENDS + ("auto",):
@@ -75,7 +79,7 @@ BROKEN = {}
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def torch_only_mode(tensors=()):
+def torch_only_mode(tensors: Iterable[Tensor | None] = ()) -> str | None:
     """Why the fused kernels cannot serve this call, or None where they can.
 
     The kernels run on raw memory, outside torch's dispatcher, so every mode that records,
@@ -101,7 +105,7 @@ def torch_only_mode(tensors=()):
     return None
 
 
-def readable_by_kernels(tensors):
+def readable_by_kernels(tensors: Iterable[Tensor | None]) -> bool:
     """Whether the kernels can read these tensors' memory: plain tensors, no subclass and no
     functorch wrapper (such as the batched gradients that vmap over a backward pass hands to it)."""
     return all(t is None or (type(t) in _PLAIN_TENSORS and not _is_functorch_wrapped(t)) for t in tensors)
@@ -121,7 +125,9 @@ def _is_functorch_wrapped(t):
     return _is_wrapped(t) or _is_legacy_batched(t)
 
 
-def resolve(backend, device, dtype, tensors=()):
+def resolve(
+    backend: str | None, device: torch.device, dtype: torch.dtype, tensors: Iterable[Tensor | None] = ()
+) -> str:
     """The backend that will run tensors of this device and dtype.
 
     Whatever the fused kernels cannot serve runs on ``torch``, so that fastrnn never fails, and is
@@ -141,7 +147,7 @@ def resolve(backend, device, dtype, tensors=()):
     return name
 
 
-def mark_broken(name, error):
+def mark_broken(name: str, error: BaseException) -> None:
     """A fused backend failed to compile or launch: warn once, and run torch from now on."""
     if name not in BROKEN:
         BROKEN[name] = error
@@ -153,7 +159,7 @@ def mark_broken(name, error):
         )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernels(name):
     """The kernel module of a fused backend (``elman_forward`` / ``elman_backward``)."""
     return importlib.import_module(f"fastrnn.kernels.{name}.elman")

@@ -40,7 +40,7 @@ def _fused_base(cls):
     return RNN if cls is nn.RNN else _fused_subclass(cls)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fused_subclass(cls):
     """``cls`` (a user's subclass of ``nn.RNN``) with fastrnn's forward under its own methods. Made at
     run time, so it pickles through :func:`_new_fused` and the importable ``cls``."""

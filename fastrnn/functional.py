@@ -1,15 +1,28 @@
 """Functional Elman RNN: one fused layer (:func:`elman`) and the layer stack behind ``fastrnn.RNN``."""
+from __future__ import annotations
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from . import backends, reference
-from . import ops
+from . import backends, ops, reference
 from .rows import scatter_rows, select_rows
 
 _NONLINEARITIES = ("tanh", "relu")
 
 
-def elman(x, h0, w_ih, w_hh, bias=None, *, lengths=None, nonlinearity="tanh", batch_first=False, backend=None):
+def elman(
+    x: Tensor,
+    h0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    bias: Tensor | None = None,
+    *,
+    lengths: Tensor | None = None,
+    nonlinearity: str = "tanh",
+    batch_first: bool = False,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
     """One Elman RNN layer in D directions, ``h_t = act(x_t W_ih^T + bias + h_{t-1} W_hh^T)``.
 
     Args:
@@ -68,7 +81,7 @@ def elman(x, h0, w_ih, w_hh, bias=None, *, lengths=None, nonlinearity="tanh", ba
     return (output.transpose(0, 1) if batch_first else output), h_n
 
 
-def valid_rows_of(lengths, seq_len):
+def valid_rows_of(lengths: Tensor, seq_len: int) -> Tensor:
     """Flat indices t * B + b of the valid steps (t < lengths[b]) of a (T, B, ...) batch, ascending
     (the order of a PackedSequence's data), so that GEMMs can skip the padding."""
     steps = torch.arange(seq_len, device=lengths.device)
@@ -85,7 +98,7 @@ def _check_like(x, tensors, names):
             )
 
 
-def packed_layout(batch_sizes, device):
+def packed_layout(batch_sizes: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
     """A PackedSequence's padded layout: lengths (B,) and the flat row t * B + b of every packed row
     (ascending, as packed data is ordered, on ``device``), in the packed (sorted) batch order."""
     seq_len = batch_sizes.numel()

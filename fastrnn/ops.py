@@ -17,7 +17,9 @@ padded (T, B, ...) layout: the input then never needs padding, and backward save
 valid rows rather than its padded copy.
 """
 import contextlib
-from typing import List, Optional, Tuple
+
+# torch.library infers the custom-op schemas from these typing forms (torch 2.4 knows no list[...]).
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -170,7 +172,7 @@ def _layer_input(x, outputs, masks, index):
 
 
 def _forward(
-    x: Tensor, hx: Tensor, weights: List[Tensor], masks: List[Tensor], lengths: Tensor, valid_rows: Optional[Tensor],
+    x: Tensor, hx: Tensor, weights: Sequence[Tensor], masks: Sequence[Tensor], lengths: Tensor, valid_rows: Optional[Tensor],
     seq_len: int, num_layers: int, relu: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, List[Tensor]]:
     """Returns output (T, B, D*H) [its (N, D*H) valid rows with ``valid_rows``], h_n (L*D, B, H)
@@ -230,8 +232,8 @@ def _(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, bac
 
 
 def _backward_op(
-    grad_out: Tensor, grad_hn: Tensor, x: Tensor, hx: Tensor, weights: List[Tensor], masks: List[Tensor],
-    lengths: Tensor, valid_rows: Optional[Tensor], seq_len: int, output: Tensor, inner: List[Tensor], num_layers: int,
+    grad_out: Tensor, grad_hn: Tensor, x: Tensor, hx: Tensor, weights: Sequence[Tensor], masks: Sequence[Tensor],
+    lengths: Tensor, valid_rows: Optional[Tensor], seq_len: int, output: Tensor, inner: Sequence[Tensor], num_layers: int,
     relu: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, List[Tensor]]:
     grad_x, grad_hx, grad_weights = _backward(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len,

@@ -2,8 +2,6 @@
 (a PackedSequence's data order), which GEMMs run on so that they skip the padding."""
 import math
 
-import torch
-
 
 def select_rows(t, valid_rows):
     """(T, B, ...) -> the (T*B, ...) row matrix, or just its valid rows. A 2-D t is taken to be

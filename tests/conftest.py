@@ -18,5 +18,5 @@ def layer_kernels(request, monkeypatch):
     if request.param == "split":
         from fastrnn import backends
 
-        monkeypatch.setattr(backends.kernels("numba"), "_SMALL_LAYER_MACS", -1)
+        monkeypatch.setattr(backends.kernels("numba"), "WHOLE_LAYER_MACS", -1)
     return request.param

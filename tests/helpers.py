@@ -8,7 +8,7 @@ import torch
 import fastrnn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def example(name):
     """A script of examples/ as a module: the seed models live there, once."""
     path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"

@@ -9,7 +9,6 @@ from torch import nn
 import fastrnn
 from helpers import assert_close, compare, example, twins
 
-
 Seed = example("seed_pytorch").Seed
 
 

@@ -77,9 +77,9 @@ def test_forward_mode_ad_and_jacobians_match_torch():
         actual = fwAD.unpack_dual(fast(fwAD.make_dual(x, tangent))[0]).tangent
     assert_close(actual, expected, 1e-12, "jvp")
     for vectorize in (False, True):
-        jac = [torch.autograd.functional.jacobian(lambda x: m(x)[0], x, vectorize=vectorize) for m in (ref, fast)]
+        jac = [torch.autograd.functional.jacobian(lambda x, m=m: m(x)[0], x, vectorize=vectorize) for m in (ref, fast)]
         assert_close(jac[1], jac[0], 1e-12, "jacobian")
-    jac_fwd = [torch.func.jacfwd(lambda x: torch.func.functional_call(m, dict(m.named_parameters()), (x,))[0])(x)
+    jac_fwd = [torch.func.jacfwd(lambda x, m=m: torch.func.functional_call(m, dict(m.named_parameters()), (x,))[0])(x)
                for m in (ref, fast)]
     assert_close(jac_fwd[1], jac_fwd[0], 1e-12, "jacfwd")
 
@@ -204,9 +204,14 @@ def test_python_threads_share_a_module():
         assert_close(out, ref(x)[0], 1e-4, "threaded output")
 
 
-def test_schemas_take_symbolic_sizes():
-    assert "SymInt seq_len" in str(ops.rnn_fwd._opoverload._schema)
-    assert "SymInt seq_len" in str(ops.rnn_bwd._opoverload._schema)
+def test_schemas_inferred_from_type_hints_take_symbolic_sizes():
+    common = "Tensor[] weights, Tensor[] masks, Tensor lengths, Tensor? valid_rows, SymInt seq_len"
+    assert str(ops.rnn_fwd._opoverload._schema) == (
+        f"fastrnn::rnn_fwd(Tensor x, Tensor hx, {common}, SymInt num_layers, bool relu, str backend) "
+        "-> (Tensor, Tensor, Tensor[])")
+    assert str(ops.rnn_bwd._opoverload._schema) == (
+        f"fastrnn::rnn_bwd(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor hx, {common}, Tensor output, "
+        "Tensor[] inner, SymInt num_layers, bool relu, str backend) -> (Tensor, Tensor, Tensor[])")
 
 
 def test_compile_with_dynamic_lengths_and_batch_compiles_once():

@@ -97,11 +97,11 @@ def _assert_close(a, b, atol=ATOL, rtol=RTOL):
     outs_b, grads_b = b
     assert len(outs_a) == len(outs_b)
     for i, (p, q) in enumerate(zip(outs_a, outs_b)):
-        torch.testing.assert_close(q, p, atol=atol, rtol=rtol, msg=lambda m: f"output {i}: {m}")
+        torch.testing.assert_close(q, p, atol=atol, rtol=rtol, msg=lambda m, i=i: f"output {i}: {m}")
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(
-            grads_b[name], grads_a[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}"
+            grads_b[name], grads_a[name], atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}"
         )
 
 

@@ -96,7 +96,7 @@ def check_against_reference(T, B, D, H, relu, atol, dtype=torch.float32, lengths
     for name, got, want in zip(("out", "h_n", "grad_pre", "grad_h0"), (out, h_n, grad_pre, grad_h0), ref):
         assert got.dtype == dtype and got.shape == want.shape, name
         if not (dtype != torch.float32 if scaled is None else scaled):
-            torch.testing.assert_close(got.double(), want, atol=atol, rtol=atol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(got.double(), want, atol=atol, rtol=atol, msg=lambda m, name=name: f"{name}: {m}")
         else:  # half precision or TF32: error relative to the tensor's scale
             err = (got.double() - want).abs().max().item() if want.numel() else 0.0
             scale = 1.0 + (want.abs().max().item() if want.numel() else 0.0)
@@ -107,7 +107,7 @@ def check_against_reference(T, B, D, H, relu, atol, dtype=torch.float32, lengths
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%d-B%d-D%d-H%d" % s)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-D{}-H{}".format(*s))
 def test_onchip_matches_reference(shape, relu):
     T, B, D, H = shape
     assert elman._launch_config(B, D, H, torch.float32, torch.device(DEVICE))[0], "expected on-chip kernels"
@@ -115,7 +115,7 @@ def test_onchip_matches_reference(shape, relu):
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
-@pytest.mark.parametrize("shape", TILED_SHAPES, ids=lambda s: "T%d-B%d-D%d-H%d" % s)
+@pytest.mark.parametrize("shape", TILED_SHAPES, ids=lambda s: "T{}-B{}-D{}-H{}".format(*s))
 def test_tiled_matches_reference(shape, relu, monkeypatch):
     if not CUDA:  # several N and K tiles at a tiny H
         monkeypatch.setattr(elman, "TILE_N", 16)

@@ -31,7 +31,9 @@ _BLAS_MIN_HIDDEN = 512
 # Whole-layer kernels run on one thread; up to this many multiply-adds per layer (T·B·D·H·(I+H))
 # the torch ops they replace cost more than a second thread saves (paired runs on 2-thread Zen 4:
 # 20-30% faster at 3.3M, e.g. T=100 with B=1, H=128 or B=4, H=64; even at 4.1M; mixed from 6.5M).
-_SMALL_LAYER_MACS = 1 << 22
+# A setting (README, "Settings"): FASTRNN_WHOLE_LAYER_MACS at import, or assign it; -1 sends
+# every layer to the split path, a huge value every layer to the whole-layer kernels.
+WHOLE_LAYER_MACS = int(os.environ.get("FASTRNN_WHOLE_LAYER_MACS", 1 << 22))
 
 @njit(inline="always", **_JIT)
 def _rows_times_four(a, w, out, i, k):
@@ -495,7 +497,7 @@ def fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden):
     # Tuned with 2 threads. With more, those GEMMs get faster while the torch-op overhead the
     # whole-layer call saves does not, so the crossover moves down (about 2x in a fixed-overhead
     # cost model; not measured here).
-    return macs <= (_SMALL_LAYER_MACS if torch.get_num_threads() <= 2 else _SMALL_LAYER_MACS // 2)
+    return macs <= (WHOLE_LAYER_MACS if torch.get_num_threads() <= 2 else WHOLE_LAYER_MACS // 2)
 
 
 def _check_layer(lengths, x, params, h0, grad_hn=None, **outputs_like):

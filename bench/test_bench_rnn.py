@@ -23,7 +23,7 @@ def _device(config):
     return config.getoption("--fastrnn-device") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compile_works(device):
     try:
         case = cases.Case("probe", 3, 2, 4)
@@ -52,7 +52,7 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize(("bench_case", "mode", "impl"), params)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _versions(device):
     return environment(device)["versions"]
 

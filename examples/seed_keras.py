@@ -16,17 +16,8 @@ import numpy as np  # noqa: E402
 
 import fastrnn.keras  # noqa: E402
 
-
-def create_rnn_model(input_shape, num_classes, rnn=keras.layers.SimpleRNN):
-    model = keras.Sequential([
-        keras.layers.Input(shape=input_shape),
-        rnn(64, return_sequences=True),
-        rnn(32),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dense(num_classes, activation="softmax"),
-    ])
-    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
-    return model
+# The model is defined once, next to the benchmark that times it (python -m fastrnn.bench).
+from fastrnn.bench.keras_seed import INPUT_SHAPE, NUM_CLASSES, create_rnn_model, random_data  # noqa: E402
 
 
 def train(model, x, y, batch, epochs):
@@ -46,13 +37,10 @@ def main():
     if keras.backend.backend() != "torch":
         raise SystemExit(f"fastrnn.keras runs fused on the torch backend; KERAS_BACKEND is {keras.backend.backend()}")
 
-    input_shape, num_classes = (10, 20), 5
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.samples, *input_shape)).astype("float32")
-    y = keras.utils.to_categorical(rng.integers(0, num_classes, args.samples), num_classes)
+    x, y = random_data(args.samples)
 
     keras.utils.set_random_seed(0)
-    stock = create_rnn_model(input_shape, num_classes)
+    stock = create_rnn_model(INPUT_SHAPE, NUM_CLASSES)
     fused = fastrnn.keras.convert(stock)  # same weights, fastrnn.keras.SimpleRNN layers
     fused.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
     stock.summary()

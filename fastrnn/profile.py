@@ -19,17 +19,94 @@ In Python::
         out.sum().backward()
     # prof_out/trace.json and prof_out/ops.txt are written on exit; ``prof`` is the
     # torch.profiler.profile object (prof.key_averages() etc.).
+
+``workload(...)`` builds the RNN and input the command line profiles (``Workload.step()`` is one
+labelled forward+backward), for profiling the same thing from Python.
 """
+from __future__ import annotations
+
 import argparse
 import contextlib
+import dataclasses
 import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+from . import RNN
 
 LABEL = "fastrnn"
+
+
+def packed_lengths(T: int, B: int) -> list[int]:
+    """Sequence lengths, longest first, spread evenly from T down to max(1, T // 10).
+
+    The bench's packed cases use the same spread, so ``--packed`` profiles what a bench row times.
+    """
+    if B == 1:
+        return [T]
+    shortest = max(1, T // 10)
+    return [round(T - (T - shortest) * b / (B - 1)) for b in range(B)]
+
+
+def make_input(T: int, B: int, I: int, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               packed: bool = False, seed: int = 1) -> Tensor | PackedSequence:
+    """A random (T, B, I) input that requires grad; a PackedSequence of :func:`packed_lengths` if ``packed``.
+
+    Drawn in float32 on the CPU, then cast and moved, so every dtype and device sees the same values.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, I, generator=gen).to(device=device, dtype=dtype)
+    if packed:
+        seq = pack_padded_sequence(x, torch.tensor(packed_lengths(T, B)), enforce_sorted=False)
+        # The packed data is the leaf, so backward ends there instead of running pack's backward too.
+        return seq._replace(data=seq.data.detach().requires_grad_())
+    return x.requires_grad_()
+
+
+@dataclasses.dataclass
+class Workload:
+    """One RNN and its input: what ``python -m fastrnn.profile`` runs, step after step."""
+
+    module: torch.nn.Module
+    x: Tensor | PackedSequence
+    # Upstream gradients for (output, h_n): ones, made on the first step (a warm-up one), so that
+    # profiled steps allocate nothing of their own. Their values do not change which kernels run.
+    grads: tuple[Tensor, Tensor] | None = None
+
+    def step(self) -> None:
+        """One forward+backward, labelled ``step/forward`` and ``step/backward`` in a profile."""
+        self.module.zero_grad(set_to_none=True)
+        leaf = self.x.data if isinstance(self.x, PackedSequence) else self.x
+        leaf.grad = None  # else every step after the first adds a gradient accumulation
+        with torch.profiler.record_function("step/forward"):
+            out, h_n = self.module(self.x)
+            out = out.data if isinstance(out, PackedSequence) else out
+        if self.grads is None:
+            self.grads = (torch.ones_like(out), torch.ones_like(h_n))
+        with torch.profiler.record_function("step/backward"):
+            torch.autograd.backward((out, h_n), self.grads)
+
+
+def workload(impl: str = "fastrnn", *, T: int = 100, B: int = 16, H: int = 128, I: int = 0, layers: int = 1,
+             bidirectional: bool = False, nonlinearity: str = "tanh", dtype: torch.dtype | str = torch.float32,
+             packed: bool = False, backend: str = "auto", device: str | torch.device = "cpu",
+             seed: int = 0) -> Workload:
+    """``fastrnn.RNN`` (``impl="fastrnn"``, on ``backend``) or ``torch.nn.RNN`` (``impl="torch"``) with
+    seeded weights and a random input of (T, B, I or H)."""
+    if impl not in ("fastrnn", "torch"):
+        raise ValueError(f"impl must be 'fastrnn' or 'torch', not {impl!r}")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    torch.manual_seed(seed)
+    kwargs = dict(num_layers=layers, nonlinearity=nonlinearity, bidirectional=bidirectional, device=device,
+                  dtype=dtype)
+    module = RNN(I or H, H, backend=backend, **kwargs) if impl == "fastrnn" else torch.nn.RNN(I or H, H, **kwargs)
+    return Workload(module, make_input(T, B, I or H, dtype=dtype, device=device, packed=packed, seed=seed + 1))
 
 
 def _sort_key(device, sort_by):
@@ -38,12 +115,13 @@ def _sort_key(device, sort_by):
     return "self_cuda_time_total" if str(device).startswith("cuda") else "self_cpu_time_total"
 
 
-def ops_table(prof, device="cpu", sort_by=None, row_limit=20):
+def ops_table(prof: torch.profiler.profile, device: str | torch.device = "cpu", sort_by: str | None = None,
+              row_limit: int = 20) -> str:
     """``key_averages().table`` of ops and kernels, slowest first."""
     return prof.key_averages().table(sort_by=_sort_key(device, sort_by), row_limit=row_limit)
 
 
-def fastrnn_table(prof):
+def fastrnn_table(prof: torch.profiler.profile) -> str:
     """Only the events labelled ``fastrnn…`` (one line per op, backend and direction count)."""
     rows = []
     for event in prof.key_averages():
@@ -65,8 +143,9 @@ def fastrnn_table(prof):
 
 
 @contextlib.contextmanager
-def profiled(out_dir=None, *, device=None, record_shapes=True, with_stack=False, sort_by=None, row_limit=20,
-             print_tables=False):
+def profiled(out_dir: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
+             record_shapes: bool = True, with_stack: bool = False, sort_by: str | None = None, row_limit: int = 20,
+             print_tables: bool = False) -> Iterator[torch.profiler.profile]:
     """Profile the ``with`` block under ``torch.profiler``; yields the profiler.
 
     On exit (without an exception) writes ``out_dir/trace.json`` (chrome trace: open it in
@@ -133,32 +212,27 @@ def _ncu_command(argv, out):
             + " ".join(shlex.quote(a) for a in inner))
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
-    from .bench import impls
-    from .bench.cases import Case
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
-    case = Case("profile", args.T, args.B, args.H, args.I, args.layers, args.bidirectional, args.dtype,
-                args.packed, args.nonlinearity)
-    impl = "torch" if args.impl == "torch" else f"fastrnn[{args.backend}]"
-    runner = impls.Runner.create(impl, case, device)
-    print(f"profiling {impl} {case.label} on {device}: {args.warmup} warm-up + {args.steps} steps", file=sys.stderr)
+    work = workload(args.impl, T=args.T, B=args.B, H=args.H, I=args.I, layers=args.layers,
+                    bidirectional=args.bidirectional, nonlinearity=args.nonlinearity, dtype=args.dtype,
+                    packed=args.packed, backend=args.backend, device=device)
+    name = "torch.nn.RNN" if args.impl == "torch" else f"fastrnn.RNN[{args.backend}]"
+    shape = f"T={args.T} B={args.B} H={args.H} I={args.I or args.H} layers={args.layers}"
+    shape += " bidirectional" * args.bidirectional + " packed" * args.packed
+    print(f"profiling {name} {shape} {args.nonlinearity} {args.dtype} on {device}: "
+          f"{args.warmup} warm-up + {args.steps} steps", file=sys.stderr)
     for _ in range(args.warmup):
-        runner.train_step()
+        work.step()
     if cuda:
         torch.cuda.synchronize()
 
     def steps():
         for _ in range(args.steps):
-            runner.zero_grad()
-            with torch.profiler.record_function("step/forward"):
-                outputs = runner.forward()
-            with torch.profiler.record_function("step/backward"):
-                runner.backward(outputs)
-            del outputs
+            work.step()
         if cuda:
             torch.cuda.synchronize()
 
@@ -181,7 +255,8 @@ def main(argv=None):
         print("Nsight Systems with NVTX ranges:\n  nsys profile -t cuda,nvtx -o "
               + shlex.quote(os.path.join(args.out, "fastrnn")) + " python -m fastrnn.profile "
               + " ".join(shlex.quote(a) for a in argv if a != "--nvtx") + " --nvtx")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,24 +9,18 @@ import sys
 
 import pytest
 
-from fastrnn.bench import cases
+from fastrnn.bench import cases, gpu_check
 from fastrnn.bench.__main__ import _default_out, _parser
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    return env
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # Run outside the checkout: the installed package needs nothing from it (its subprocesses too).
     proc = subprocess.run(
         [sys.executable, "-m", "fastrnn.bench", "--grid", "tiny", "--no-keras", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT,
+        capture_output=True, text=True, timeout=300, env=env, cwd=out,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
@@ -66,6 +60,8 @@ def test_other_grids_do_not_overwrite_the_default_report():
     env = {"gpu_name": None, "cpu_model": "Some CPU", "device": "cpu"}
     full, quick = _default_out(env, "default"), _default_out(env, "quick")
     assert quick != full and quick.startswith(full)
+    # Under the working directory (the checkout's bench/results when run from its root).
+    assert full.startswith(os.path.join("bench", "results", "cpu-some-cpu-"))
 
 
 def test_options_exist():
@@ -98,3 +94,8 @@ def test_flop_model():
     lengths = packed.lengths()
     assert lengths[0] == 200 and lengths[-1] == 20 and lengths == sorted(lengths, reverse=True)
     assert packed.tokens == sum(lengths)
+
+
+def test_gpu_check_versions_runs_anywhere(capsys):
+    assert gpu_check.main(["versions"]) == 0
+    assert capsys.readouterr().out.startswith("python ")

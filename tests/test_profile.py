@@ -8,15 +8,13 @@ import torch
 
 import fastrnn
 import fastrnn.profile as fprofile
+from fastrnn.bench import cases, impls
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUSED_ON_CPU = "numba" in fastrnn.available_backends()
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    return env
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
 def _trace_names(path):
@@ -29,7 +27,7 @@ def test_cli_writes_trace_and_table(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fastrnn.profile", "--device", "cpu", "--T", "8", "--B", "2", "--H", "8",
          "--layers", "2", "--bidirectional", "--warmup", "1", "--steps", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT,
+        capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = _trace_names(out / "trace.json")
@@ -61,3 +59,22 @@ def test_ncu_command_names_the_kernels():
     assert cmd.startswith("ncu -k regex:_elman ")
     assert "python -m fastrnn.profile --device cuda --H 256" in cmd and "--no-profiler" in cmd
     assert "--nvtx" not in cmd and "--steps 5" not in cmd
+
+
+def test_workload_steps_and_matches_the_bench():
+    work = fprofile.workload("fastrnn", T=9, B=4, H=5, I=3, layers=2, bidirectional=True, packed=True,
+                             dtype="float64")
+    work.step()
+    assert work.x.data.grad is not None and all(p.grad is not None for p in work.module.parameters())
+    assert fprofile.workload("torch", T=3, B=2, H=4).module.__class__ is torch.nn.RNN
+    # The bench's packed cases and inputs come from the same builder.
+    case = cases.Case("packed", 9, 4, 5, I=3, packed=True, dtype="float64")
+    assert case.lengths() == fprofile.packed_lengths(9, 4) == [9, 6, 4, 1]
+    assert torch.equal(impls.make_inputs(case, "cpu").data, work.x.data)
+
+
+def test_profile_does_not_import_the_bench():
+    code = "import sys, fastrnn.profile; print(sorted(m for m in sys.modules if m.startswith('fastrnn.bench')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"

@@ -1,14 +1,15 @@
 """``python -m fastrnn.bench``: time fastrnn against torch.nn.RNN and write a report.
 
-Writes report.md, results.json and PNG plots to bench/results/<device>-<cpu or gpu>-<date>/,
-with -<grid> added for grids other than the default (or to --out).
+Writes report.md, results.json and PNG plots to bench/results/<device>-<cpu or gpu>-<date>/
+under the working directory, with -<grid> added for grids other than the default (or to --out).
 Progress goes to stderr, one line per case. See bench/README.md for how to read the report.
 """
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import datetime
 import gc
-import importlib.util
 import os
 import re
 import sys
@@ -19,8 +20,6 @@ import torch
 from . import cases as grids
 from . import impls, memory, report, timing
 from .firstcall import first_call
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _parser():
@@ -65,8 +64,9 @@ def _default_out(env, grid):
     stem = f"{device}-{_slug(name)[:32].strip('-')}-{datetime.date.today().isoformat()}"
     if grid != "default":  # a quick or full run must not overwrite the day's default report
         stem += f"-{grid}"
-    root = os.path.join(REPO, "bench") if os.path.isdir(os.path.join(REPO, "bench")) else "bench"
-    return os.path.join(root, "results", stem)
+    # Relative to the working directory: `make bench` runs from the checkout, so reports land in its
+    # bench/results/ (where the committed ones live) without the installed package knowing the path.
+    return os.path.join("bench", "results", stem)
 
 
 def _rows_for(case, mode, result, saved, peak, device, versions):
@@ -109,14 +109,10 @@ def _progress(i, n, case, mode, rows, started):
 
 
 def _keras_rows(quick):
-    path = os.path.join(REPO, "bench", "keras_seed.py")
-    if not os.path.exists(path):
-        return [], None
     try:
-        spec = importlib.util.spec_from_file_location("fastrnn_bench_keras_seed", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return list(module.run(quick=quick)), None
+        from . import keras_seed
+
+        return list(keras_seed.run(quick=quick)), None
     except Exception as exc:  # keras is optional: a missing or broken install only drops these rows
         return [], f"keras seed skipped: {type(exc).__name__}: {exc}"
 
@@ -139,7 +135,8 @@ def _pick_backends(arg, device):
     return wanted
 
 
-def run(args):
+def run(args: argparse.Namespace) -> tuple[str, dict]:
+    """Measure what ``args`` (from the parser, plus ``args.argv``) asks; returns the output folder and results."""
     started = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -289,7 +286,7 @@ def run(args):
     return out, results
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     args.argv = argv
@@ -299,7 +296,8 @@ def main(argv=None):
     print(f"wrote {os.path.join(out, 'report.md')} ({results['meta']['run_s']:.0f} s)")
     if summary:
         print(summary.replace("**", ""))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

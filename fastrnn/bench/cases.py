@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from ..profile import packed_lengths
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHORT_DTYPE = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -81,12 +83,7 @@ class Case:
 
     def lengths(self):
         """Sequence lengths, longest first: spread evenly from T down to max(1, T // 10)."""
-        if not self.packed:
-            return [self.T] * self.B
-        shortest = max(1, self.T // 10)
-        if self.B == 1:
-            return [self.T]
-        return [round(self.T - (self.T - shortest) * b / (self.B - 1)) for b in range(self.B)]
+        return packed_lengths(self.T, self.B) if self.packed else [self.T] * self.B
 
     @property
     def tokens(self):

@@ -2,6 +2,8 @@
 runs forward+backward twice. Interpreter start-up is not counted; import, first call (which
 includes any JIT compilation or cache load) and second call are reported separately.
 """
+from __future__ import annotations
+
 import json
 import os
 import subprocess
@@ -9,7 +11,8 @@ import sys
 import tempfile
 import time
 
-# Runs with ``python -c``, so that importing fastrnn is timed rather than done before the clock starts.
+# Runs with ``python -c`` rather than ``-m fastrnn.bench...``: ``-m`` imports the fastrnn package
+# before the clock starts, and the import is one of the things timed.
 _SCRIPT = r"""
 import json, sys, time
 impl, device, (T, B, H) = sys.argv[1], sys.argv[2], map(int, sys.argv[3:6])
@@ -43,15 +46,14 @@ print(json.dumps({"import_torch_s": t1 - t0, "import_fastrnn_s": t2 - t1,
 SHAPE = (100, 16, 128)  # (T, B, H)
 
 
-def first_call(impl, device="cpu", shape=SHAPE, cold_cache=False, timeout=600):
+def first_call(impl: str, device: str = "cpu", shape: tuple[int, int, int] = SHAPE, cold_cache: bool = False,
+               timeout: float = 600) -> dict:
     """Time ``impl``'s first forward+backward in a fresh process.
 
     ``cold_cache`` points Numba's and Triton's on-disk caches at an empty directory, so the
     first call includes compiling the kernels (what a fresh install sees).
     """
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory(prefix="fastrnn-cold-cache-") as cache:
         if cold_cache:
             env["NUMBA_CACHE_DIR"] = env["TRITON_CACHE_DIR"] = cache

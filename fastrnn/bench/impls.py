@@ -7,8 +7,9 @@ A :class:`Runner` owns one module and its inputs and exposes the three calls the
 import dataclasses
 
 import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence
 
+from ..profile import make_input
 from .cases import DTYPES
 
 TORCH = "torch"
@@ -73,13 +74,8 @@ def build(impl, case, device, reference=None):
 
 def make_inputs(case, device, seed=1):
     """x (T, B, I) [as a PackedSequence when the case is packed], a leaf that requires grad."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(case.T, case.B, case.input_size, generator=gen, dtype=torch.float32)
-    x = x.to(device=device, dtype=DTYPES[case.dtype])
-    if case.packed:
-        packed = pack_padded_sequence(x, torch.tensor(case.lengths()), enforce_sorted=False)
-        return packed._replace(data=packed.data.detach().requires_grad_())
-    return x.requires_grad_()
+    return make_input(case.T, case.B, case.input_size, dtype=DTYPES[case.dtype], device=device,
+                      packed=case.packed, seed=seed)
 
 
 def _sync(device):

@@ -11,6 +11,8 @@
   (``/proc/self/clear_refs``), so JIT compilation does not count.
 - CUDA peak: ``torch.cuda.max_memory_allocated`` above what was allocated before the step.
 """
+from __future__ import annotations
+
 import argparse
 import gc
 import json
@@ -95,8 +97,6 @@ def peak_rss(impl, case, device="cpu", timeout=300):
     cmd = [sys.executable, "-m", "fastrnn.bench.memory", "--impl", impl, "--device", device,
            "--case", json.dumps(case.to_json())]
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     # A fixed mmap threshold: large buffers go back to the OS when freed, so RSS tracks live memory.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     try:
@@ -109,7 +109,7 @@ def peak_rss(impl, case, device="cpu", timeout=300):
     return json.loads(lines[-1])
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fastrnn.bench.memory",
         description="Peak resident memory of one training step (run one per process).",
@@ -120,7 +120,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     case = Case(**json.loads(args.case))
     print(json.dumps(measure_rss(args.impl, case, args.device)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

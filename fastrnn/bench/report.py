@@ -6,7 +6,6 @@ import os
 from .cases import geomean
 
 
-
 def write_json(results, path):
     with open(path, "w") as f:
         json.dump(results, f, indent=1, sort_keys=False, default=str)

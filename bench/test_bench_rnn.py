@@ -8,6 +8,7 @@ group compares implementations.
 The grid is fastrnn/bench/cases.py, the same one ``python -m fastrnn.bench`` runs.
 extra_info of every benchmark: tokens/s and GFLOP/s (from the median), sizes, device, versions.
 """
+
 import functools
 
 import pytest
@@ -68,9 +69,21 @@ def test_rnn(benchmark, request, bench_case, mode, impl):
     benchmark.group = f"{case.label} | {mode}"
     versions = _versions(device)
     benchmark.extra_info.update(
-        impl=impl, mode=mode, device=device, torch=versions["torch"], fastrnn=versions["fastrnn"],
-        T=case.T, B=case.B, H=case.H, I=case.input_size, layers=case.layers, bidirectional=case.bidirectional,
-        dtype=case.dtype, packed=case.packed, tokens=case.tokens, flops=case.flops(MODES[mode]),
+        impl=impl,
+        mode=mode,
+        device=device,
+        torch=versions["torch"],
+        fastrnn=versions["fastrnn"],
+        T=case.T,
+        B=case.B,
+        H=case.H,
+        I=case.input_size,
+        layers=case.layers,
+        bidirectional=case.bidirectional,
+        dtype=case.dtype,
+        packed=case.packed,
+        tokens=case.tokens,
+        flops=case.flops(MODES[mode]),
     )
 
     def synced(fn):
@@ -78,6 +91,7 @@ def test_rnn(benchmark, request, bench_case, mode, impl):
             result = fn(*args)
             sync()
             return result
+
         return call
 
     if mode == "forward":
@@ -87,6 +101,7 @@ def test_rnn(benchmark, request, bench_case, mode, impl):
     elif mode == "forward+backward":
         benchmark(synced(runner.train_step))
     else:
+
         def setup():
             runner.zero_grad()
             outputs = runner.forward()

@@ -5,6 +5,7 @@ fastrnn.keras.SimpleRNN from the same starting weights, on random data.
 
 Prints epochs per second for each and how far apart the two models' weights end up.
 """
+
 import argparse
 import os
 import time
@@ -49,13 +50,17 @@ def main():
     for name, model in (("stock", stock), ("fastrnn", fused)):
         eps, history = train(model, x, y, args.batch, args.epochs)
         results[name] = eps
-        print(f"{name:>8}: {eps:6.2f} epochs/s ({1000 / eps:7.1f} ms/epoch), "
-              f"final loss {history['loss'][-1]:.4f}, accuracy {history['accuracy'][-1]:.3f}")
+        print(
+            f"{name:>8}: {eps:6.2f} epochs/s ({1000 / eps:7.1f} ms/epoch), "
+            f"final loss {history['loss'][-1]:.4f}, accuracy {history['accuracy'][-1]:.3f}"
+        )
     print(f"speedup: x{results['fastrnn'] / results['stock']:.2f}")
 
     diff = max(float(np.abs(a - b).max()) for a, b in zip(stock.get_weights(), fused.get_weights()))
-    print(f"weights after {args.epochs + 1} epochs: max |stock - fastrnn| = {diff:.2e} "
-          f"({'match' if diff < 1e-3 else 'DIFFER'})")
+    print(
+        f"weights after {args.epochs + 1} epochs: max |stock - fastrnn| = {diff:.2e} "
+        f"({'match' if diff < 1e-3 else 'DIFFER'})"
+    )
 
 
 if __name__ == "__main__":

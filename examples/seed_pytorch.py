@@ -3,6 +3,7 @@ torch.nn.RNN and again after ``fastrnn.convert``: same losses, same weights, les
 
     python examples/seed_pytorch.py [--dtype float64] [--epochs 3]
 """
+
 import argparse
 import copy
 import time
@@ -37,8 +38,8 @@ def train(model, data, labels, epochs, batch_size=32):
     start = time.perf_counter()
     for _ in range(epochs):
         for i in range(0, len(data), batch_size):
-            probabilities = model(data[i:i + batch_size])
-            loss = nn.functional.nll_loss(torch.log(probabilities), labels[i:i + batch_size])
+            probabilities = model(data[i : i + batch_size])
+            loss = nn.functional.nll_loss(torch.log(probabilities), labels[i : i + batch_size])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

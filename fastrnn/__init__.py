@@ -1,4 +1,5 @@
 """fastrnn: a drop-in ``torch.nn.RNN`` whose time loop and backward pass run as fused kernels."""
+
 from importlib import metadata as _metadata
 
 from . import functional

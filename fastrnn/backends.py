@@ -9,6 +9,7 @@ exporting, autocast, ``torch.func`` transforms, forward-mode AD, tensor subclass
 device it lacks, a kernel that failed to build), fastrnn runs torch's own implementation, with
 identical results. A limitation of the fused path is never the user's error.
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """``fastrnn.convert``: swap every ``torch.nn.RNN`` of a model for ``fastrnn.RNN`` in place."""
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """Functional Elman RNN: one fused layer (:func:`elman`) and the layer stack behind ``fastrnn.RNN``."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """``fastrnn.RNN``: ``torch.nn.RNN`` with its time loop and backward pass in fused kernels."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -72,14 +73,22 @@ class RNN(nn.RNN):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         output, h_n = functional.stack(
-            x, hx, weights, seq_len=seq_len,
-            num_layers=self.num_layers, dropout=self.dropout,
-            training=self.training, relu=self.nonlinearity == "relu", lengths=lengths,
-            packed_rows=packed_rows, backend=backend,
+            x,
+            hx,
+            weights,
+            seq_len=seq_len,
+            num_layers=self.num_layers,
+            dropout=self.dropout,
+            training=self.training,
+            relu=self.nonlinearity == "relu",
+            lengths=lengths,
+            packed_rows=packed_rows,
+            backend=backend,
         )
         if packed:
-            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
-                self.permute_hidden(h_n, unsorted_indices)
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self.permute_hidden(
+                h_n, unsorted_indices
+            )
         if self.batch_first:
             output = output.transpose(0, 1)
         if not batched:

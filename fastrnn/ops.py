@@ -16,6 +16,7 @@ With ``valid_rows`` the op takes and returns the valid rows alone (a PackedSeque
 padded (T, B, ...) layout: the input then never needs padding, and backward saves the output's
 valid rows rather than its padded copy.
 """
+
 import contextlib
 
 # torch.library infers the custom-op schemas from these typing forms (torch 2.4 knows no list[...]).
@@ -42,7 +43,7 @@ def _layer_params(weights, index, num_layers, n_dir):
     the flat list ordered as ``nn.RNN._flat_weights``."""
     per_dir = len(weights) // (num_layers * n_dir)
     first = index * n_dir * per_dir
-    return [weights[first + d * per_dir:first + (d + 1) * per_dir] for d in range(n_dir)]
+    return [weights[first + d * per_dir : first + (d + 1) * per_dir] for d in range(n_dir)]
 
 
 def _stacked(params, with_bias=True):
@@ -57,8 +58,9 @@ def _per_direction(n_params, grad_w_ih, grad_w_hh, grad_bias):
     """Stacked (D, ...) gradients -> one tuple per direction, matching (w_ih, w_hh[, b_ih[, b_hh]]).
     b_hh gets its own copy: .grad tensors sharing memory would be accumulated, clipped or scaled in
     place twice."""
-    return [(grad_w_ih[d], grad_w_hh[d], grad_bias[d], grad_bias[d].clone())[:n_params]
-            for d in range(grad_w_ih.shape[0])]
+    return [
+        (grad_w_ih[d], grad_w_hh[d], grad_bias[d], grad_bias[d].clone())[:n_params] for d in range(grad_w_ih.shape[0])
+    ]
 
 
 def _stack(tensors):
@@ -139,7 +141,8 @@ def _layer_backward(grad_out, grad_hn, x, h0, params, out, lengths, valid_rows, 
     grad_out, grad_hn = grad_out.reshape(out.shape).contiguous(), grad_hn.contiguous()
     if kernels.fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden):
         grad_x, grad_h0, grad_params = kernels.layer_backward(
-            grad_out, grad_hn, _padded(x, valid_rows, seq_len, batch), params, out, h0, lengths, relu, input_grad)
+            grad_out, grad_hn, _padded(x, valid_rows, seq_len, batch), params, out, h0, lengths, relu, input_grad
+        )
         return (grad_x if grad_x is None or x.dim() == 3 else select_rows(grad_x, valid_rows)), grad_h0, grad_params
     w_ih, w_hh, _ = _stacked(params, with_bias=False)
     grad_pre, grad_h0 = kernels.elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu)
@@ -161,7 +164,7 @@ def _layer_states(states, index, num_layers):
     if num_layers == 1:
         return states
     n_dir = states.shape[0] // num_layers
-    return states[index * n_dir:(index + 1) * n_dir]
+    return states[index * n_dir : (index + 1) * n_dir]
 
 
 def _layer_input(x, outputs, masks, index):
@@ -172,8 +175,16 @@ def _layer_input(x, outputs, masks, index):
 
 
 def _forward(
-    x: Tensor, hx: Tensor, weights: Sequence[Tensor], masks: Sequence[Tensor], lengths: Tensor, valid_rows: Optional[Tensor],
-    seq_len: int, num_layers: int, relu: bool, backend: str,
+    x: Tensor,
+    hx: Tensor,
+    weights: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    lengths: Tensor,
+    valid_rows: Optional[Tensor],
+    seq_len: int,
+    num_layers: int,
+    relu: bool,
+    backend: str,
 ) -> Tuple[Tensor, Tensor, List[Tensor]]:
     """Returns output (T, B, D*H) [its (N, D*H) valid rows with ``valid_rows``], h_n (L*D, B, H)
     and the padded outputs of layers 0..L-2 (for backward)."""
@@ -183,8 +194,14 @@ def _forward(
         for index in range(num_layers):
             with profiler_label("fastrnn.layer{}", index):
                 out, h_n = _layer_forward(
-                    _layer_input(x, outputs, masks, index), _layer_states(hx, index, num_layers),
-                    _layer_params(weights, index, num_layers, n_dir), lengths, valid_rows, seq_len, relu, backend,
+                    _layer_input(x, outputs, masks, index),
+                    _layer_states(hx, index, num_layers),
+                    _layer_params(weights, index, num_layers, n_dir),
+                    lengths,
+                    valid_rows,
+                    seq_len,
+                    relu,
+                    backend,
                 )
             outputs.append(out)
             finals.append(h_n)
@@ -193,8 +210,23 @@ def _forward(
     return output, h_n, outputs[:-1]
 
 
-def _backward(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, output, inner, num_layers, relu,
-              backend, input_grad):
+def _backward(
+    grad_out,
+    grad_hn,
+    x,
+    hx,
+    weights,
+    masks,
+    lengths,
+    valid_rows,
+    seq_len,
+    output,
+    inner,
+    num_layers,
+    relu,
+    backend,
+    input_grad,
+):
     """Gradients of x (None unless ``input_grad``), hx and every weight, in ``weights`` order."""
     n_dir = hx.shape[0] // num_layers
     if valid_rows is not None:  # the kernels run on the padded layout
@@ -208,9 +240,17 @@ def _backward(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq
         for index in reversed(range(num_layers)):
             with profiler_label("fastrnn.layer{}", index):
                 grad_in, grad_hx[index], grad_params = _layer_backward(
-                    grad_layer_out, _layer_states(grad_hn, index, num_layers), _layer_input(x, outputs, masks, index),
-                    _layer_states(hx, index, num_layers), _layer_params(weights, index, num_layers, n_dir),
-                    outputs[index], lengths, valid_rows, relu, backend, input_grad or index > 0,
+                    grad_layer_out,
+                    _layer_states(grad_hn, index, num_layers),
+                    _layer_input(x, outputs, masks, index),
+                    _layer_states(hx, index, num_layers),
+                    _layer_params(weights, index, num_layers, n_dir),
+                    outputs[index],
+                    lengths,
+                    valid_rows,
+                    relu,
+                    backend,
+                    input_grad or index > 0,
                 )
             grad_weights[:0] = [grad for direction in grad_params for grad in direction]
             if index > 0:
@@ -232,12 +272,38 @@ def _(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, bac
 
 
 def _backward_op(
-    grad_out: Tensor, grad_hn: Tensor, x: Tensor, hx: Tensor, weights: Sequence[Tensor], masks: Sequence[Tensor],
-    lengths: Tensor, valid_rows: Optional[Tensor], seq_len: int, output: Tensor, inner: Sequence[Tensor], num_layers: int,
-    relu: bool, backend: str,
+    grad_out: Tensor,
+    grad_hn: Tensor,
+    x: Tensor,
+    hx: Tensor,
+    weights: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    lengths: Tensor,
+    valid_rows: Optional[Tensor],
+    seq_len: int,
+    output: Tensor,
+    inner: Sequence[Tensor],
+    num_layers: int,
+    relu: bool,
+    backend: str,
 ) -> Tuple[Tensor, Tensor, List[Tensor]]:
-    grad_x, grad_hx, grad_weights = _backward(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len,
-                                              output, inner, num_layers, relu, backend, input_grad=True)
+    grad_x, grad_hx, grad_weights = _backward(
+        grad_out,
+        grad_hn,
+        x,
+        hx,
+        weights,
+        masks,
+        lengths,
+        valid_rows,
+        seq_len,
+        output,
+        inner,
+        num_layers,
+        relu,
+        backend,
+        input_grad=True,
+    )
     # A custom op's outputs may not alias each other: the directions' gradients are views of one
     # stacked tensor.
     return grad_x, grad_hx, [g.clone() for g in grad_weights]
@@ -266,8 +332,8 @@ def _saved_arguments(ctx, grad_out, grad_hn):
     """The arguments of :func:`_backward` (less ``input_grad``) from what forward saved."""
     x, hx, lengths, output, *rest = ctx.saved_tensors
     n_weights, n_masks, n_rows = ctx.counts
-    weights, masks = rest[:n_weights], rest[n_weights:n_weights + n_masks]
-    inner = rest[n_weights + n_masks:len(rest) - n_rows]
+    weights, masks = rest[:n_weights], rest[n_weights : n_weights + n_masks]
+    inner = rest[n_weights + n_masks : len(rest) - n_rows]
     valid_rows = rest[-1] if n_rows else None
     grad_out = torch.zeros_like(output) if grad_out is None else grad_out
     grad_hn = torch.zeros_like(hx) if grad_hn is None else grad_hn
@@ -282,8 +348,9 @@ def _op_gradients(ctx, grad_out, grad_hn, grad_inner):
 rnn_fwd.register_autograd(_op_gradients, setup_context=_setup_context)
 
 
-def _torch_gradients(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu,
-                     needs_grad):
+def _torch_gradients(
+    grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, needs_grad
+):
     """Gradients of x, hx and weights (None where ``needs_grad`` is False) from torch's autograd through
     the reference loop: for the backward passes the kernels cannot serve. With ``create_graph``
     (grad mode on in backward) the gradients keep their graph, so higher derivatives are torch's."""
@@ -292,11 +359,15 @@ def _torch_gradients(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_ro
     with torch.enable_grad():
         if not create_graph:  # a fresh graph over detached leaves, gone when this returns
             inputs = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs_grad)]
-        output, h_n = reference.rnn(inputs[0], inputs[1], list(inputs[2:]), masks, lengths, valid_rows, seq_len,
-                                    num_layers, relu)
+        output, h_n = reference.rnn(
+            inputs[0], inputs[1], list(inputs[2:]), masks, lengths, valid_rows, seq_len, num_layers, relu
+        )
         wanted = [t for t, need in zip(inputs, needs_grad) if need]
-        grads = iter(torch.autograd.grad((output, h_n), wanted, (grad_out, grad_hn), allow_unused=True,
-                                         create_graph=create_graph))
+        grads = iter(
+            torch.autograd.grad(
+                (output, h_n), wanted, (grad_out, grad_hn), allow_unused=True, create_graph=create_graph
+            )
+        )
     return [next(grads) if need else None for need in needs_grad]
 
 
@@ -304,7 +375,9 @@ def _on_torch_in_backward(backend, grad_out, grad_hn):
     """Whether a backward pass runs :func:`_torch_gradients`: higher-order gradients
     (``create_graph``), gradients the kernels cannot read (vmap over backward, subclasses), or a
     backend that failed here."""
-    return torch.is_grad_enabled() or not backends.readable_by_kernels((grad_out, grad_hn)) or backend in backends.BROKEN
+    return (
+        torch.is_grad_enabled() or not backends.readable_by_kernels((grad_out, grad_hn)) or backend in backends.BROKEN
+    )
 
 
 def _guarded(backend, fused, fallback):
@@ -329,18 +402,22 @@ class _EagerRNN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_hn):
         arguments = _saved_arguments(ctx, grad_out, grad_hn)
-        grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, _, _, num_layers, relu, backend = arguments
+        grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, _, _, num_layers, relu, backend = (
+            arguments
+        )
         needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[6:])
 
         def on_torch():
-            return _torch_gradients(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers,
-                                    relu, needs_grad)
+            return _torch_gradients(
+                grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, needs_grad
+            )
 
         if _on_torch_in_backward(backend, grad_out, grad_hn):
             grad_x, grad_hx, *grad_weights = on_torch()
         else:
             grad_x, grad_hx, grad_weights = _guarded(
-                backend, lambda: _backward(*arguments, ctx.needs_input_grad[0]), lambda: _regrouped(on_torch()))
+                backend, lambda: _backward(*arguments, ctx.needs_input_grad[0]), lambda: _regrouped(on_torch())
+            )
         return grad_x, grad_hx, None, None, None, None, *grad_weights
 
 
@@ -375,13 +452,25 @@ class _EagerFusedLayer(torch.autograd.Function):
         relu, backend = ctx.config
         if _on_torch_in_backward(backend, grad_out, grad_hn):
             needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[4:])
-            grad_x, grad_h0, *grad_weights = _torch_gradients(grad_out, grad_hn, x, hx, weights, [], lengths, None,
-                                                              x.shape[0], 1, relu, needs_grad)
+            grad_x, grad_h0, *grad_weights = _torch_gradients(
+                grad_out, grad_hn, x, hx, weights, [], lengths, None, x.shape[0], 1, relu, needs_grad
+            )
             return grad_x, grad_h0, None, None, *grad_weights
         n_dir = hx.shape[0]
         with profiler_label("fastrnn::rnn_bwd[{},L=1,D={}]", backend, n_dir):
-            grad_x, grad_h0, grad_params = _layer_backward(grad_out, grad_hn, x, hx, _layer_params(weights, 0, 1, n_dir),
-                                                           output, lengths, None, relu, backend, ctx.needs_input_grad[0])
+            grad_x, grad_h0, grad_params = _layer_backward(
+                grad_out,
+                grad_hn,
+                x,
+                hx,
+                _layer_params(weights, 0, 1, n_dir),
+                output,
+                lengths,
+                None,
+                relu,
+                backend,
+                ctx.needs_input_grad[0],
+            )
         return grad_x, grad_h0, None, None, *(grad for direction in grad_params for grad in direction)
 
 
@@ -410,8 +499,11 @@ def rnn(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, b
 
 
 def _eager(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu, backend):
-    fused_layer = num_layers == 1 and valid_rows is None and backends.kernels(backend).fuses_whole_layer(
-        seq_len, x.shape[1], x.shape[2], hx.shape[0], hx.shape[2])
+    fused_layer = (
+        num_layers == 1
+        and valid_rows is None
+        and backends.kernels(backend).fuses_whole_layer(seq_len, x.shape[1], x.shape[2], hx.shape[0], hx.shape[2])
+    )
     if torch.is_grad_enabled() and (x.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights)):
         if fused_layer:
             return _EagerFusedLayer.apply(x, hx, lengths, (relu, backend), *weights)

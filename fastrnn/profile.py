@@ -23,6 +23,7 @@ In Python::
 ``workload(...)`` builds the RNN and input the command line profiles (``Workload.step()`` is one
 labelled forward+backward), for profiling the same thing from Python.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,16 @@ def packed_lengths(T: int, B: int) -> list[int]:
     return [round(T - (T - shortest) * b / (B - 1)) for b in range(B)]
 
 
-def make_input(T: int, B: int, I: int, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               packed: bool = False, seed: int = 1) -> Tensor | PackedSequence:
+def make_input(
+    T: int,
+    B: int,
+    I: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    packed: bool = False,
+    seed: int = 1,
+) -> Tensor | PackedSequence:
     """A random (T, B, I) input that requires grad; a PackedSequence of :func:`packed_lengths` if ``packed``.
 
     Drawn in float32 on the CPU, then cast and moved, so every dtype and device sees the same values.
@@ -93,18 +102,29 @@ class Workload:
             torch.autograd.backward((out, h_n), self.grads)
 
 
-def workload(impl: str = "fastrnn", *, T: int = 100, B: int = 16, H: int = 128, I: int = 0, layers: int = 1,
-             bidirectional: bool = False, nonlinearity: str = "tanh", dtype: torch.dtype | str = torch.float32,
-             packed: bool = False, backend: str = "auto", device: str | torch.device = "cpu",
-             seed: int = 0) -> Workload:
+def workload(
+    impl: str = "fastrnn",
+    *,
+    T: int = 100,
+    B: int = 16,
+    H: int = 128,
+    I: int = 0,
+    layers: int = 1,
+    bidirectional: bool = False,
+    nonlinearity: str = "tanh",
+    dtype: torch.dtype | str = torch.float32,
+    packed: bool = False,
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Workload:
     """``fastrnn.RNN`` (``impl="fastrnn"``, on ``backend``) or ``torch.nn.RNN`` (``impl="torch"``) with
     seeded weights and a random input of (T, B, I or H)."""
     if impl not in ("fastrnn", "torch"):
         raise ValueError(f"impl must be 'fastrnn' or 'torch', not {impl!r}")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     torch.manual_seed(seed)
-    kwargs = dict(num_layers=layers, nonlinearity=nonlinearity, bidirectional=bidirectional, device=device,
-                  dtype=dtype)
+    kwargs = dict(num_layers=layers, nonlinearity=nonlinearity, bidirectional=bidirectional, device=device, dtype=dtype)
     module = RNN(I or H, H, backend=backend, **kwargs) if impl == "fastrnn" else torch.nn.RNN(I or H, H, **kwargs)
     return Workload(module, make_input(T, B, I or H, dtype=dtype, device=device, packed=packed, seed=seed + 1))
 
@@ -115,8 +135,9 @@ def _sort_key(device, sort_by):
     return "self_cuda_time_total" if str(device).startswith("cuda") else "self_cpu_time_total"
 
 
-def ops_table(prof: torch.profiler.profile, device: str | torch.device = "cpu", sort_by: str | None = None,
-              row_limit: int = 20) -> str:
+def ops_table(
+    prof: torch.profiler.profile, device: str | torch.device = "cpu", sort_by: str | None = None, row_limit: int = 20
+) -> str:
     """``key_averages().table`` of ops and kernels, slowest first."""
     return prof.key_averages().table(sort_by=_sort_key(device, sort_by), row_limit=row_limit)
 
@@ -130,8 +151,9 @@ def fastrnn_table(prof: torch.profiler.profile) -> str:
         device_us = getattr(event, "device_time_total", None)
         if device_us is None:
             device_us = getattr(event, "cuda_time_total", 0)
-        rows.append((event.key, event.count, event.cpu_time_total / 1e3, event.self_cpu_time_total / 1e3,
-                     device_us / 1e3))
+        rows.append(
+            (event.key, event.count, event.cpu_time_total / 1e3, event.self_cpu_time_total / 1e3, device_us / 1e3)
+        )
     if not rows:
         return "(no fastrnn-labelled events: was a fastrnn module run?)"
     rows.sort(key=lambda r: -max(r[2], r[4]))
@@ -143,9 +165,16 @@ def fastrnn_table(prof: torch.profiler.profile) -> str:
 
 
 @contextlib.contextmanager
-def profiled(out_dir: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-             record_shapes: bool = True, with_stack: bool = False, sort_by: str | None = None, row_limit: int = 20,
-             print_tables: bool = False) -> Iterator[torch.profiler.profile]:
+def profiled(
+    out_dir: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    record_shapes: bool = True,
+    with_stack: bool = False,
+    sort_by: str | None = None,
+    row_limit: int = 20,
+    print_tables: bool = False,
+) -> Iterator[torch.profiler.profile]:
     """Profile the ``with`` block under ``torch.profiler``; yields the profiler.
 
     On exit (without an exception) writes ``out_dir/trace.json`` (chrome trace: open it in
@@ -170,8 +199,9 @@ def profiled(out_dir: str | os.PathLike | None = None, *, device: str | torch.de
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m fastrnn.profile",
-                                description="Profile forward+backward of an RNN under torch.profiler.")
+    p = argparse.ArgumentParser(
+        prog="python -m fastrnn.profile", description="Profile forward+backward of an RNN under torch.profiler."
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--T", type=int, default=100, help="sequence length (default 100)")
     p.add_argument("--B", type=int, default=16, help="batch size (default 16)")
@@ -183,15 +213,22 @@ def _parser():
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
     p.add_argument("--packed", action="store_true", help="PackedSequence input, lengths spread T..T/10")
     p.add_argument("--backend", default="auto", help="fastrnn backend: auto, numba, triton or torch")
-    p.add_argument("--impl", choices=("fastrnn", "torch"), default="fastrnn",
-                   help="profile fastrnn.RNN (default) or torch.nn.RNN, for comparison")
+    p.add_argument(
+        "--impl",
+        choices=("fastrnn", "torch"),
+        default="fastrnn",
+        help="profile fastrnn.RNN (default) or torch.nn.RNN, for comparison",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, caches)")
     p.add_argument("--steps", type=int, default=3, help="profiled forward+backward steps")
     p.add_argument("--out", default=os.path.join("bench", "results", "profile"), help="output directory")
     p.add_argument("--sort-by", help="key_averages sort key (default: self CPU, or self CUDA time on CUDA)")
     p.add_argument("--row-limit", type=int, default=20)
-    p.add_argument("--nvtx", action="store_true",
-                   help="CUDA: emit NVTX ranges (torch.autograd.profiler.emit_nvtx) for nsys, no torch.profiler")
+    p.add_argument(
+        "--nvtx",
+        action="store_true",
+        help="CUDA: emit NVTX ranges (torch.autograd.profiler.emit_nvtx) for nsys, no torch.profiler",
+    )
     p.add_argument("--no-profiler", action="store_true", help="just run the steps (under ncu or nsys)")
     return p
 
@@ -208,8 +245,12 @@ def _ncu_command(argv, out):
         keep.append(a)
     inner = ["python", "-m", "fastrnn.profile", *keep, "--warmup", "1", "--steps", "1", "--no-profiler"]
     report = os.path.join(out, "elman")
-    return ("ncu -k regex:_elman --launch-count 10 --set full -o " + shlex.quote(report) + " "
-            + " ".join(shlex.quote(a) for a in inner))
+    return (
+        "ncu -k regex:_elman --launch-count 10 --set full -o "
+        + shlex.quote(report)
+        + " "
+        + " ".join(shlex.quote(a) for a in inner)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,14 +258,28 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
-    work = workload(args.impl, T=args.T, B=args.B, H=args.H, I=args.I, layers=args.layers,
-                    bidirectional=args.bidirectional, nonlinearity=args.nonlinearity, dtype=args.dtype,
-                    packed=args.packed, backend=args.backend, device=device)
+    work = workload(
+        args.impl,
+        T=args.T,
+        B=args.B,
+        H=args.H,
+        I=args.I,
+        layers=args.layers,
+        bidirectional=args.bidirectional,
+        nonlinearity=args.nonlinearity,
+        dtype=args.dtype,
+        packed=args.packed,
+        backend=args.backend,
+        device=device,
+    )
     name = "torch.nn.RNN" if args.impl == "torch" else f"fastrnn.RNN[{args.backend}]"
     shape = f"T={args.T} B={args.B} H={args.H} I={args.I or args.H} layers={args.layers}"
     shape += " bidirectional" * args.bidirectional + " packed" * args.packed
-    print(f"profiling {name} {shape} {args.nonlinearity} {args.dtype} on {device}: "
-          f"{args.warmup} warm-up + {args.steps} steps", file=sys.stderr)
+    print(
+        f"profiling {name} {shape} {args.nonlinearity} {args.dtype} on {device}: "
+        f"{args.warmup} warm-up + {args.steps} steps",
+        file=sys.stderr,
+    )
     for _ in range(args.warmup):
         work.step()
     if cuda:
@@ -247,14 +302,19 @@ def main(argv: list[str] | None = None) -> int:
             print("--nvtx needs CUDA; profiling with torch.profiler instead", file=sys.stderr)
         with profiled(args.out, device=device, sort_by=args.sort_by, row_limit=args.row_limit, print_tables=True):
             steps()
-        print(f"\nwrote {os.path.join(args.out, 'trace.json')} (open in Perfetto) and "
-              f"{os.path.join(args.out, 'ops.txt')}")
+        print(
+            f"\nwrote {os.path.join(args.out, 'trace.json')} (open in Perfetto) and {os.path.join(args.out, 'ops.txt')}"
+        )
     print(f"{args.steps} steps in {time.perf_counter() - start:.3f} s", file=sys.stderr)
     if cuda:
         print("\nNsight Compute, the Triton kernels by name:\n  " + _ncu_command(argv, args.out))
-        print("Nsight Systems with NVTX ranges:\n  nsys profile -t cuda,nvtx -o "
-              + shlex.quote(os.path.join(args.out, "fastrnn")) + " python -m fastrnn.profile "
-              + " ".join(shlex.quote(a) for a in argv if a != "--nvtx") + " --nvtx")
+        print(
+            "Nsight Systems with NVTX ranges:\n  nsys profile -t cuda,nvtx -o "
+            + shlex.quote(os.path.join(args.out, "fastrnn"))
+            + " python -m fastrnn.profile "
+            + " ".join(shlex.quote(a) for a in argv if a != "--nvtx")
+            + " --nvtx"
+        )
     return 0
 
 

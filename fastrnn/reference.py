@@ -2,6 +2,7 @@
 
 Differentiable through ordinary autograd; slow, simple, and correct for any dtype and device.
 """
+
 import torch
 
 from .rows import scatter_rows, select_rows
@@ -57,15 +58,14 @@ def rnn(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, relu):
     for index in range(num_layers):
         if index > 0 and masks:
             layer_input = layer_input * masks[index - 1]
-        params = weights[index * per_layer:(index + 1) * per_layer]
+        params = weights[index * per_layer : (index + 1) * per_layer]
         per_dir = per_layer // n_dir
         w_ih = torch.stack(params[0::per_dir])
         w_hh = torch.stack(params[1::per_dir])
         bias = None if per_dir == 2 else sum(torch.stack(params[i::per_dir]) for i in range(2, per_dir))
-        layer_input, h_n = elman(layer_input, hx[index * n_dir:(index + 1) * n_dir], w_ih, w_hh, bias, lengths, relu)
+        layer_input, h_n = elman(layer_input, hx[index * n_dir : (index + 1) * n_dir], w_ih, w_hh, bias, lengths, relu)
         finals.append(h_n)
     output = layer_input
     if valid_rows is not None:
         output = select_rows(output, valid_rows)
     return output, torch.cat(finals)
-

@@ -1,5 +1,6 @@
 """A (T, B, ...) batch and its valid rows: the flat rows t * B + b with t < lengths[b], ascending
 (a PackedSequence's data order), which GEMMs run on so that they skip the padding."""
+
 import math
 
 

@@ -1,4 +1,5 @@
 """Shared test helpers: build torch/fastrnn twins and compare everything they produce."""
+
 import functools
 import importlib.util
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Backend choice: argument > FASTRNN_BACKEND > auto, in one place."""
+
 import pytest
 import torch
 

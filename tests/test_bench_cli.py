@@ -2,6 +2,7 @@
 
 No timing asserts: only that the run finishes and its files exist and parse.
 """
+
 import json
 import os
 import subprocess
@@ -20,7 +21,11 @@ def tiny_run(tmp_path_factory):
     # Run outside the checkout: the installed package needs nothing from it (its subprocesses too).
     proc = subprocess.run(
         [sys.executable, "-m", "fastrnn.bench", "--grid", "tiny", "--no-keras", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=out,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=out,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
@@ -43,8 +48,11 @@ def test_tiny_run_writes_report_json_and_plots(tiny_run):
     if fused:  # a fused backend is available: speedups and saved-bytes comparisons exist
         assert all(r["speedup"] > 0 and r["speedup_min"] > 0 for r in fused)
         assert all(r["torch_saved_bytes"] > 0 for r in fused if r["mode"] == "train")
-        assert all(r["saved_beyond_outputs_bytes"] < r["torch_saved_beyond_outputs_bytes"]
-                   for r in fused if r["mode"] == "train")
+        assert all(
+            r["saved_beyond_outputs_bytes"] < r["torch_saved_beyond_outputs_bytes"]
+            for r in fused
+            if r["mode"] == "train"
+        )
     assert results["memory"] and all("step_bytes" in m for m in results["memory"])
     assert results["first_call"] and all("first_call_s" in r for r in results["first_call"])
     report = (out / "report.md").read_text()
@@ -65,8 +73,9 @@ def test_other_grids_do_not_overwrite_the_default_report():
 
 
 def test_options_exist():
-    args = _parser().parse_args(["--quick", "--device", "cpu", "--dtype", "float64", "--backend", "numba",
-                                 "--out", "x"])
+    args = _parser().parse_args(
+        ["--quick", "--device", "cpu", "--dtype", "float64", "--backend", "numba", "--out", "x"]
+    )
     assert args.quick and args.dtype == "float64" and args.backend == "numba" and args.out == "x"
     assert _parser().parse_args(["--full"]).full
 

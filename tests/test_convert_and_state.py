@@ -1,4 +1,5 @@
 """convert(), state_dict both ways, pickling, deepcopy, and the seed model training like torch."""
+
 import copy
 import io
 import pickle
@@ -71,7 +72,9 @@ def _saved(module):
 def test_flatten_parameters_and_all_weights_are_torchs():
     ref, fast = twins(3, 5, num_layers=2)
     fast.flatten_parameters()
-    assert [[w.shape for w in layer] for layer in fast.all_weights] == [[w.shape for w in layer] for layer in ref.all_weights]
+    assert [[w.shape for w in layer] for layer in fast.all_weights] == [
+        [w.shape for w in layer] for layer in ref.all_weights
+    ]
 
 
 def test_seed_model_trains_exactly_like_torch():

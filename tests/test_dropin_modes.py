@@ -1,6 +1,7 @@
 """Every path a model takes besides plain forward/backward: higher-order and batched gradients,
 forward-mode AD, tensor-subclass weights, functional_call, parametrizations and subclasses,
 threads and forked processes, dynamic shapes, and the backend fallbacks behind them."""
+
 import copy
 import pickle
 import subprocess
@@ -79,8 +80,10 @@ def test_forward_mode_ad_and_jacobians_match_torch():
     for vectorize in (False, True):
         jac = [torch.autograd.functional.jacobian(lambda x, m=m: m(x)[0], x, vectorize=vectorize) for m in (ref, fast)]
         assert_close(jac[1], jac[0], 1e-12, "jacobian")
-    jac_fwd = [torch.func.jacfwd(lambda x, m=m: torch.func.functional_call(m, dict(m.named_parameters()), (x,))[0])(x)
-               for m in (ref, fast)]
+    jac_fwd = [
+        torch.func.jacfwd(lambda x, m=m: torch.func.functional_call(m, dict(m.named_parameters()), (x,))[0])(x)
+        for m in (ref, fast)
+    ]
     assert_close(jac_fwd[1], jac_fwd[0], 1e-12, "jacfwd")
 
 
@@ -98,7 +101,9 @@ def test_per_sample_gradients_through_expanded_weights():
 def test_functional_call_with_other_dtype_parameters():
     ref, fast = twins(3, 4, dtype=torch.float32)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
-    outputs = [torch.func.functional_call(m, {k: v.double() for k, v in m.named_parameters()}, (x,)) for m in (ref, fast)]
+    outputs = [
+        torch.func.functional_call(m, {k: v.double() for k, v in m.named_parameters()}, (x,)) for m in (ref, fast)
+    ]
     assert outputs[1][0].dtype == torch.float64
     assert_close(outputs[1][0], outputs[0][0], 1e-12, "output")
 
@@ -142,8 +147,9 @@ def test_convert_handles_subclasses_and_they_pickle(monkeypatch):
 
 def _run_script(code, timeout=120):
     """Runs code in a fresh interpreter (thread settings and fork state are per process)."""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -165,7 +171,8 @@ def test_calls_leave_torch_thread_settings_alone():
 def test_forked_children_run_fastrnn_and_stock_rnns():
     """At one thread (as DataLoader workers run) a forked child works after the parent ran the split
     kernels; stock nn.RNN is the bar: it hangs in such a child at two threads on its own."""
-    out = _run_script("""
+    out = _run_script(
+        """
         import multiprocessing as mp, torch, fastrnn
         torch.set_num_threads(1)
 
@@ -183,7 +190,9 @@ def test_forked_children_run_fastrnn_and_stock_rnns():
             child.join(60)
             assert child.exitcode == 0, (cls, child.exitcode)
         print("ok")
-    """, timeout=200)
+    """,
+        timeout=200,
+    )
     assert out.strip() == "ok"
 
 
@@ -208,10 +217,12 @@ def test_schemas_inferred_from_type_hints_take_symbolic_sizes():
     common = "Tensor[] weights, Tensor[] masks, Tensor lengths, Tensor? valid_rows, SymInt seq_len"
     assert str(ops.rnn_fwd._opoverload._schema) == (
         f"fastrnn::rnn_fwd(Tensor x, Tensor hx, {common}, SymInt num_layers, bool relu, str backend) "
-        "-> (Tensor, Tensor, Tensor[])")
+        "-> (Tensor, Tensor, Tensor[])"
+    )
     assert str(ops.rnn_bwd._opoverload._schema) == (
         f"fastrnn::rnn_bwd(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor hx, {common}, Tensor output, "
-        "Tensor[] inner, SymInt num_layers, bool relu, str backend) -> (Tensor, Tensor, Tensor[])")
+        "Tensor[] inner, SymInt num_layers, bool relu, str backend) -> (Tensor, Tensor, Tensor[])"
+    )
 
 
 def test_compile_with_dynamic_lengths_and_batch_compiles_once():
@@ -228,8 +239,16 @@ def test_compile_with_dynamic_lengths_and_batch_compiles_once():
         results = []
         for module in (ref, compiled):
             out, h_n = module(x)
-            results.append((out, h_n, *torch.autograd.grad((out.sum() + h_n.sum()), [x, *fast.parameters()]
-                                                           if module is compiled else [x, *ref.parameters()])))
+            results.append(
+                (
+                    out,
+                    h_n,
+                    *torch.autograd.grad(
+                        (out.sum() + h_n.sum()),
+                        [x, *fast.parameters()] if module is compiled else [x, *ref.parameters()],
+                    ),
+                )
+            )
         for expected, actual in zip(*results):
             assert_close(actual, expected, 1e-5, f"length {seq_len}, batch {batch}")
     assert counter.frame_count == 1

@@ -1,4 +1,5 @@
 """Bad input: fastrnn raises what torch.nn.RNN raises (same type), and never crashes."""
+
 import pytest
 import torch
 
@@ -29,8 +30,18 @@ BAD_CALLS = {
     "integer input": lambda: (torch.ones(5, 3, 4, dtype=torch.int64),),
     "hx of another dtype": lambda: (torch.randn(5, 3, 4, dtype=F64), torch.randn(2, 3, 6)),
     "not a tensor hx": lambda: (torch.randn(5, 3, 4, dtype=F64), "hx"),
-    "non-contiguous input (valid)": lambda: (torch.randn(4, 3, 5, dtype=F64).transpose(0, 2).transpose(1, 2)[:, :, :4].contiguous().transpose(0, 1).transpose(0, 1),),
-    "non-contiguous hx (valid)": lambda: (torch.randn(5, 3, 4, dtype=F64), torch.randn(6, 3, 2, dtype=F64).permute(2, 1, 0)),
+    "non-contiguous input (valid)": lambda: (
+        torch.randn(4, 3, 5, dtype=F64)
+        .transpose(0, 2)
+        .transpose(1, 2)[:, :, :4]
+        .contiguous()
+        .transpose(0, 1)
+        .transpose(0, 1),
+    ),
+    "non-contiguous hx (valid)": lambda: (
+        torch.randn(5, 3, 4, dtype=F64),
+        torch.randn(6, 3, 2, dtype=F64).permute(2, 1, 0),
+    ),
     "empty sequence": lambda: (torch.randn(0, 3, 4, dtype=F64),),
 }
 
@@ -43,10 +54,18 @@ def test_same_exception_type_as_torch(case):
     assert actual is expected, f"{case}: torch raised {expected}, fastrnn raised {actual}"
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(nonlinearity="gelu"), dict(dropout=1.5), dict(dropout=-0.1), dict(proj_size=2),
-    dict(num_layers=0), dict(hidden_size=0), dict(num_layers=1.5),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(nonlinearity="gelu"),
+        dict(dropout=1.5),
+        dict(dropout=-0.1),
+        dict(proj_size=2),
+        dict(num_layers=0),
+        dict(hidden_size=0),
+        dict(num_layers=1.5),
+    ],
+)
 def test_constructor_errors_match_torch(kwargs):
     args = dict(input_size=4, hidden_size=6) | kwargs
     errors = []

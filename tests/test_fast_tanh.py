@@ -1,4 +1,5 @@
 """The vectorisable tanh functions against NumPy's and libm's, with their edge cases."""
+
 import math
 
 import numpy as np
@@ -68,7 +69,6 @@ def test_special_values():
     np.testing.assert_array_equal(out[4:6], [1.0, -1.0])
     assert np.isnan(out[6])
     assert np.isnan(_apply(np.full(64, np.nan))).all()  # also down the vectorised path
-
 
 
 def test_float32_is_within_its_fit_error_and_saturates_exactly():

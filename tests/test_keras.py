@@ -4,6 +4,7 @@ Every case runs the same weights, inputs and upstream gradients through both lay
 outputs, states and each gradient by name; it also asserts which path ran (fused op or Keras's
 step loop), so a silent fallback cannot pass for a fused result.
 """
+
 import os
 import subprocess
 import sys
@@ -108,24 +109,52 @@ def _assert_close(a, b, atol=ATOL, rtol=RTOL):
 # (id, layer kwargs, mask, with initial state, training, expected path)
 CASES = [
     ("last", {}, "none", False, False, "fused"),
-    ("seq-state-relu", dict(return_sequences=True, return_state=True, activation="relu"), "none", False, False, "fused"),
+    (
+        "seq-state-relu",
+        dict(return_sequences=True, return_state=True, activation="relu"),
+        "none",
+        False,
+        False,
+        "fused",
+    ),
     ("no-bias", dict(return_sequences=True, use_bias=False), "none", False, False, "fused"),
     ("backwards", dict(return_sequences=True, return_state=True, go_backwards=True), "none", False, False, "fused"),
     ("initial-state", dict(return_sequences=True, return_state=True), "none", True, False, "fused"),
     ("unroll", dict(return_sequences=True, unroll=True), "none", False, False, "fused"),
     ("mask-seq", dict(return_sequences=True, return_state=True), "right", False, False, "fused"),
     ("mask-last", dict(return_state=True), "right", True, False, "fused"),
-    ("mask-backwards", dict(return_sequences=True, return_state=True, go_backwards=True), "right", True, False, "fused"),
+    (
+        "mask-backwards",
+        dict(return_sequences=True, return_state=True, go_backwards=True),
+        "right",
+        True,
+        False,
+        "fused",
+    ),
     ("mask-backwards-last", dict(go_backwards=True, activation="relu"), "right", False, False, "fused"),
     ("mask-zero-output", dict(return_sequences=True, zero_output_for_mask=True), "right", False, False, "fused"),
     ("mask-zero-output-last", dict(zero_output_for_mask=True, return_state=True), "right", True, False, "fused"),
-    ("mask-zero-output-backwards", dict(return_sequences=True, zero_output_for_mask=True, go_backwards=True), "right", False, False, "fused"),
+    (
+        "mask-zero-output-backwards",
+        dict(return_sequences=True, zero_output_for_mask=True, go_backwards=True),
+        "right",
+        False,
+        False,
+        "fused",
+    ),
     ("mask-unroll", dict(return_sequences=True, unroll=True), "right", False, False, "fused"),
     ("mask-all-valid", dict(return_sequences=True, go_backwards=True), "all", False, False, "fused"),
     ("dropout-train", dict(return_sequences=True, dropout=0.4, seed=3), "none", False, True, "fused"),
     ("dropout-infer", dict(return_sequences=True, dropout=0.4, seed=3), "none", False, False, "fused"),
     ("rec-dropout-infer", dict(return_sequences=True, recurrent_dropout=0.4, seed=3), "right", False, False, "fused"),
-    ("rec-dropout-train", dict(return_sequences=True, recurrent_dropout=0.4, dropout=0.2, seed=3), "none", False, True, "fallback"),
+    (
+        "rec-dropout-train",
+        dict(return_sequences=True, recurrent_dropout=0.4, dropout=0.2, seed=3),
+        "none",
+        False,
+        True,
+        "fallback",
+    ),
     ("sigmoid", dict(return_sequences=True, activation="sigmoid"), "none", False, False, "fallback"),
     ("linear", dict(return_sequences=True, activation=None), "none", False, False, "fallback"),
     ("mask-hole", dict(return_sequences=True, return_state=True), "hole", False, False, "fallback"),
@@ -211,11 +240,13 @@ def _masked_model(rnn=keras.layers.SimpleRNN):
 
 
 def _nested_model(rnn=keras.layers.SimpleRNN):
-    inner = keras.Sequential([
-        keras.Input((10, 20)),
-        keras.layers.Bidirectional(rnn(6, return_sequences=True)),
-        rnn(5, dropout=0.3, seed=5),
-    ])
+    inner = keras.Sequential(
+        [
+            keras.Input((10, 20)),
+            keras.layers.Bidirectional(rnn(6, return_sequences=True)),
+            rnn(5, dropout=0.3, seed=5),
+        ]
+    )
     x = keras.Input((10, 20))
     inner_outer = keras.Model(x, inner(x))
     x = keras.Input((10, 20))

@@ -1,4 +1,5 @@
 """The Numba launchers against the plain reference loop, at the kernel contract (CONTRACTS.md)."""
+
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from helpers import assert_close
 def _case(T, B, D, H, dtype, seed=0, descending=False):
     g = torch.Generator().manual_seed(seed)
     proj = torch.randn(T, B, D, H, generator=g, dtype=dtype)
-    w_hh = torch.randn(D, H, H, generator=g, dtype=dtype) / H ** 0.5
+    w_hh = torch.randn(D, H, H, generator=g, dtype=dtype) / H**0.5
     h0 = torch.randn(D, B, H, generator=g, dtype=dtype)
     lengths = torch.randint(0, T + 1, (B,), generator=g)
     lengths[0] = T
@@ -29,7 +30,7 @@ def _reference(proj, w_hh, h0, lengths, relu):
     T, B, D, H = proj.shape
     select = torch.zeros(D, H, D * H, dtype=proj.dtype)
     for d in range(D):
-        select[d, :, d * H:(d + 1) * H] = torch.eye(H, dtype=proj.dtype)
+        select[d, :, d * H : (d + 1) * H] = torch.eye(H, dtype=proj.dtype)
     out, h_n = reference.elman(proj.reshape(T, B, D * H), h0, select, w_hh, None, lengths, relu)
     return out.view(T, B, D, H), h_n
 
@@ -96,15 +97,18 @@ def test_rows_per_task_fills_threads_without_splitting_more():
     assert kernels._rows_per_task(batch=5, n_dir=1, threads=4) == 2
 
 
-@pytest.mark.parametrize("bad,error", [
-    (lambda p, w, h, l: (p.float(), w, h, l), TypeError),
-    (lambda p, w, h, l: (p.half(), w.half(), h.half(), l), TypeError),
-    (lambda p, w, h, l: (p.transpose(0, 1), w, h, l), ValueError),
-    (lambda p, w, h, l: (p, w[:, :2], h, l), ValueError),
-    (lambda p, w, h, l: (p, w, h, l.int()), ValueError),
-    (lambda p, w, h, l: (p, w, h.transpose(1, 2).contiguous().transpose(1, 2), l), ValueError),
-    (lambda p, w, h, l: (p, w, h[:, :2].contiguous(), l), ValueError),
-])
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        (lambda p, w, h, l: (p.float(), w, h, l), TypeError),
+        (lambda p, w, h, l: (p.half(), w.half(), h.half(), l), TypeError),
+        (lambda p, w, h, l: (p.transpose(0, 1), w, h, l), ValueError),
+        (lambda p, w, h, l: (p, w[:, :2], h, l), ValueError),
+        (lambda p, w, h, l: (p, w, h, l.int()), ValueError),
+        (lambda p, w, h, l: (p, w, h.transpose(1, 2).contiguous().transpose(1, 2), l), ValueError),
+        (lambda p, w, h, l: (p, w, h[:, :2].contiguous(), l), ValueError),
+    ],
+)
 def test_launcher_rejects_bad_arguments(bad, error):
     args = bad(*_case(4, 3, 1, 3, torch.float64))
     with pytest.raises(error):
@@ -123,8 +127,12 @@ def test_compiled_kernels_are_cached_on_disk_and_reused(tmp_path):
         print(sum(sum(s.cache_hits.values()) for s in stats), sum(sum(s.cache_misses.values()) for s in stats))
     """)
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    runs = [subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300,
-                           capture_output=True, text=True).stdout.split() for _ in range(2)]
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script], env=env, check=True, timeout=300, capture_output=True, text=True
+        ).stdout.split()
+        for _ in range(2)
+    ]
     assert runs[0] == ["0", "2"], f"first process should compile both kernels, got hits/misses {runs[0]}"
     assert runs[1] == ["2", "0"], f"second process should load both from {tmp_path}, got {runs[1]}"
     assert list(tmp_path.rglob("*.nbi"))
@@ -132,8 +140,14 @@ def test_compiled_kernels_are_cached_on_disk_and_reused(tmp_path):
 
 def test_warm_up_compiles_every_kernel_for_both_dtypes():
     kernels.warm_up()
-    for kernel in (kernels._elman_fwd_kernel, kernels._elman_fwd_serial_kernel, kernels._layer_fwd_kernel,
-                   kernels._elman_bwd_kernel, kernels._elman_bwd_serial_kernel, kernels._layer_bwd_kernel):
+    for kernel in (
+        kernels._elman_fwd_kernel,
+        kernels._elman_fwd_serial_kernel,
+        kernels._layer_fwd_kernel,
+        kernels._elman_bwd_kernel,
+        kernels._elman_bwd_serial_kernel,
+        kernels._layer_bwd_kernel,
+    ):
         dtypes = {str(signature[0].dtype) for signature in kernel.signatures}
         assert dtypes == {"float32", "float64"}, f"{kernel.__name__}: {dtypes}"
 

@@ -1,4 +1,5 @@
 """The custom ops: opcheck, gradcheck, torch.compile, saved-for-backward bytes, double backward."""
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -35,8 +36,10 @@ def _stack_inputs(L=2, D=2, T=4, B=3, I=2, H=3, biases=2, dropout=True, skip_pad
 
 
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("L,D,biases,dropout,skip_padding",
-                         [(1, 1, 2, False, False), (1, 2, 0, False, True), (2, 2, 2, True, True), (3, 1, 1, True, False)])
+@pytest.mark.parametrize(
+    "L,D,biases,dropout,skip_padding",
+    [(1, 1, 2, False, False), (1, 2, 0, False, True), (2, 2, 2, True, True), (3, 1, 1, True, False)],
+)
 def test_opcheck(relu, L, D, biases, dropout, skip_padding):
     args = _stack_inputs(L=L, D=D, biases=biases, dropout=dropout, skip_padding=skip_padding)
     torch.library.opcheck(torch.ops.fastrnn.rnn_fwd, (*args, relu, "numba"))
@@ -70,7 +73,7 @@ def test_functional_matches_reference_loop(nonlinearity, D):
     results = []
     for backend in ("numba", "torch"):
         out, h_n = functional.elman(x, h0, w_ih, w_hh, b, lengths=lengths, nonlinearity=nonlinearity, backend=backend)
-        grads = torch.autograd.grad((out ** 2).sum() + (h_n * 3).sum(), (x, h0, w_ih, w_hh, b))
+        grads = torch.autograd.grad((out**2).sum() + (h_n * 3).sum(), (x, h0, w_ih, w_hh, b))
         results.append((out, h_n, grads))
     (o1, h1, g1), (o2, h2, g2) = results
     assert_close(o1, o2, 1e-12, "output")
@@ -145,9 +148,16 @@ def _saved_bytes(module, x, beyond_outputs=False):
 # torch's CPU path already keeps just x and the hidden states for one layer; from two layers on it
 # also keeps each layer's stacked output, which fastrnn shares with the next layer's input. Packed,
 # fastrnn keeps the output's valid rows (as torch does) plus their int64 row index.
-@pytest.mark.parametrize("num_layers,bidirectional,packed,bound", [
-    (1, False, False, 1.01), (2, True, False, 0.8), (4, False, False, 0.7), (1, False, True, 1.05), (2, True, True, 1.0),
-])
+@pytest.mark.parametrize(
+    "num_layers,bidirectional,packed,bound",
+    [
+        (1, False, False, 1.01),
+        (2, True, False, 0.8),
+        (4, False, False, 0.7),
+        (1, False, True, 1.05),
+        (2, True, True, 1.0),
+    ],
+)
 def test_saves_less_than_torch_for_backward(num_layers, bidirectional, packed, bound):
     ref, fast = twins(32, 32, num_layers=num_layers, bidirectional=bidirectional, dtype=torch.float32)
     x = torch.randn(50, 8, 32, requires_grad=True)
@@ -160,9 +170,15 @@ def test_saves_less_than_torch_for_backward(num_layers, bidirectional, packed, b
 # fastrnn saves the output it returns, torch its own per-step states: beyond what the call returns,
 # one layer keeps only h0 and lengths (packed: also the int64 row index), a stack also its inner
 # layers' outputs.
-@pytest.mark.parametrize("num_layers,bidirectional,packed,bound", [
-    (1, False, False, 0.05), (1, True, False, 0.05), (2, False, False, 0.5), (1, False, True, 0.15),
-])
+@pytest.mark.parametrize(
+    "num_layers,bidirectional,packed,bound",
+    [
+        (1, False, False, 0.05),
+        (1, True, False, 0.05),
+        (2, False, False, 0.5),
+        (1, False, True, 0.15),
+    ],
+)
 def test_keeps_little_beyond_its_outputs_for_backward(num_layers, bidirectional, packed, bound):
     ref, fast = twins(32, 32, num_layers=num_layers, bidirectional=bidirectional, dtype=torch.float32)
     x = torch.randn(50, 8, 32, requires_grad=True)
@@ -174,8 +190,7 @@ def test_keeps_little_beyond_its_outputs_for_backward(num_layers, bidirectional,
 
 def test_double_backward_of_unsorted_lengths_is_torchs():
     inputs, lengths = _layer_inputs(T=5), torch.tensor([2, 5, 3])
-    assert torch.autograd.gradgradcheck(
-        lambda *a: functional.elman(*a, lengths=lengths, backend="numba"), inputs)
+    assert torch.autograd.gradgradcheck(lambda *a: functional.elman(*a, lengths=lengths, backend="numba"), inputs)
 
 
 def test_custom_op_backward_has_no_double_backward():
@@ -192,7 +207,7 @@ def test_eager_function_and_custom_op_agree_exactly():
     results = []
     for fn in (ops.rnn, torch.ops.fastrnn.rnn_fwd):
         out, h_n, *_ = fn(x, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
-        grads = torch.autograd.grad((out ** 2).sum() + h_n.sum(), (x, hx, *weights))
+        grads = torch.autograd.grad((out**2).sum() + h_n.sum(), (x, hx, *weights))
         results.append([out, h_n, *grads])
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
@@ -240,14 +255,15 @@ def test_valid_rows_need_x_as_rows():
 @pytest.mark.parametrize("D", [1, 2])
 @pytest.mark.parametrize("biases", [0, 2])
 def test_single_fused_layer_node_matches_the_stack_op_exactly(D, biases, layer_kernels):
-    x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs(L=1, D=D, biases=biases, dropout=False,
-                                                                    skip_padding=False)
+    x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs(
+        L=1, D=D, biases=biases, dropout=False, skip_padding=False
+    )
     results = []
     for fn in (ops.rnn, torch.ops.fastrnn.rnn_fwd):
         out, h_n, *_ = fn(x, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
         if fn is ops.rnn:  # a layer small enough to run whole takes the lean node
             node = "_EagerFusedLayerBackward" if layer_kernels == "whole-layer" else "_EagerRNNBackward"
             assert type(out.grad_fn).__name__ == node
-        grads = torch.autograd.grad((out ** 2).sum() + h_n.sum(), (x, hx, *weights))
+        grads = torch.autograd.grad((out**2).sum() + h_n.sum(), (x, hx, *weights))
         results.append([out, h_n, *grads])
     assert all(torch.equal(a, b) for a, b in zip(*results))

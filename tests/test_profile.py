@@ -1,4 +1,5 @@
 """``python -m fastrnn.profile`` and ``fastrnn.profile.profiled`` end to end on CPU."""
+
 import json
 import os
 import subprocess
@@ -25,9 +26,33 @@ def _trace_names(path):
 def test_cli_writes_trace_and_table(tmp_path):
     out = tmp_path / "prof"
     proc = subprocess.run(
-        [sys.executable, "-m", "fastrnn.profile", "--device", "cpu", "--T", "8", "--B", "2", "--H", "8",
-         "--layers", "2", "--bidirectional", "--warmup", "1", "--steps", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "fastrnn.profile",
+            "--device",
+            "cpu",
+            "--T",
+            "8",
+            "--B",
+            "2",
+            "--H",
+            "8",
+            "--layers",
+            "2",
+            "--bidirectional",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = _trace_names(out / "trace.json")
@@ -62,8 +87,7 @@ def test_ncu_command_names_the_kernels():
 
 
 def test_workload_steps_and_matches_the_bench():
-    work = fprofile.workload("fastrnn", T=9, B=4, H=5, I=3, layers=2, bidirectional=True, packed=True,
-                             dtype="float64")
+    work = fprofile.workload("fastrnn", T=9, B=4, H=5, I=3, layers=2, bidirectional=True, packed=True, dtype="float64")
     work.step()
     assert work.x.data.grad is not None and all(p.grad is not None for p in work.module.parameters())
     assert fprofile.workload("torch", T=3, B=2, H=4).module.__class__ is torch.nn.RNN

@@ -1,4 +1,5 @@
 """fastrnn.RNN against torch.nn.RNN: outputs, h_n and every gradient, over every option."""
+
 import itertools
 
 import pytest
@@ -14,11 +15,22 @@ OPTIONS = list(itertools.product(["tanh", "relu"], [True, False], [False, True],
 
 @pytest.mark.parametrize("nonlinearity,bias,batch_first,num_layers,bidirectional,with_hx", OPTIONS)
 def test_every_option_float64(nonlinearity, bias, batch_first, num_layers, bidirectional, with_hx):
-    ref, fast = twins(4, 6, num_layers=num_layers, nonlinearity=nonlinearity, bias=bias,
-                      batch_first=batch_first, bidirectional=bidirectional)
+    ref, fast = twins(
+        4,
+        6,
+        num_layers=num_layers,
+        nonlinearity=nonlinearity,
+        bias=bias,
+        batch_first=batch_first,
+        bidirectional=bidirectional,
+    )
     T, B = 5, 3
     x = torch.randn((B, T, 4) if batch_first else (T, B, 4), dtype=torch.float64, requires_grad=True)
-    hx = torch.randn(num_layers * (1 + bidirectional), B, 6, dtype=torch.float64, requires_grad=True) if with_hx else None
+    hx = (
+        torch.randn(num_layers * (1 + bidirectional), B, 6, dtype=torch.float64, requires_grad=True)
+        if with_hx
+        else None
+    )
     compare(ref, fast, x, hx)
 
 
@@ -95,7 +107,7 @@ def test_packed_sequence(enforce_sorted, num_layers, bidirectional, with_hx):
         out, h_n = module(packed, h)
         padded, lengths = pad_packed_sequence(out)
         g = torch.Generator().manual_seed(3)
-        loss = (padded * torch.randn(padded.shape, generator=g, dtype=torch.float64)).sum() + (h_n ** 2).sum()
+        loss = (padded * torch.randn(padded.shape, generator=g, dtype=torch.float64)).sum() + (h_n**2).sum()
         params = list(module.parameters())
         grads = torch.autograd.grad(loss, leaves + params + ([h] if with_hx else []))
         results.append((out, padded, lengths, h_n, grads))

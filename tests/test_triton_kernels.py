@@ -3,6 +3,7 @@
 Without a GPU this runs under TRITON_INTERPRET=1 on CPU tensors, with tiny sizes; with CUDA the
 same cases run on the GPU with larger ones.
 """
+
 import importlib
 import importlib.util
 import os
@@ -86,8 +87,7 @@ def reference_grads(proj, w_hh, h0, grad_out, grad_hn, lengths, relu):
     return out, h_n, grad_pre, grad_h0
 
 
-def check_against_reference(T, B, D, H, relu, atol, dtype=torch.float32, lengths_list=None, scaled=None,
-                            **kw):
+def check_against_reference(T, B, D, H, relu, atol, dtype=torch.float32, lengths_list=None, scaled=None, **kw):
     lengths_list = lengths_for(T, B) if lengths_list is None else lengths_list
     proj, w_hh, h0, grad_out, grad_hn, lengths = make_inputs(T, B, D, H, lengths_list, dtype)
     out, h_n = elman.elman_forward(proj, w_hh, h0, lengths, relu, **kw)
@@ -96,7 +96,9 @@ def check_against_reference(T, B, D, H, relu, atol, dtype=torch.float32, lengths
     for name, got, want in zip(("out", "h_n", "grad_pre", "grad_h0"), (out, h_n, grad_pre, grad_h0), ref):
         assert got.dtype == dtype and got.shape == want.shape, name
         if not (dtype != torch.float32 if scaled is None else scaled):
-            torch.testing.assert_close(got.double(), want, atol=atol, rtol=atol, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                got.double(), want, atol=atol, rtol=atol, msg=lambda m, name=name: f"{name}: {m}"
+            )
         else:  # half precision or TF32: error relative to the tensor's scale
             err = (got.double() - want).abs().max().item() if want.numel() else 0.0
             scale = 1.0 + (want.abs().max().item() if want.numel() else 0.0)

@@ -4,6 +4,7 @@ Writes report.md, results.json and PNG plots to bench/results/<device>-<cpu or g
 under the working directory, with -<grid> added for grids other than the default (or to --out).
 Progress goes to stderr, one line per case. See bench/README.md for how to read the report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,23 +24,38 @@ from .firstcall import first_call
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m fastrnn.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Default: about 5 minutes on a 2-core CPU; --quick: under a minute.")
+    p = argparse.ArgumentParser(
+        prog="python -m fastrnn.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Default: about 5 minutes on a 2-core CPU; --quick: under a minute.",
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a few shapes, few repeats (under a minute)")
     size.add_argument("--full", action="store_true", help="the whole grid, more repeats")
     size.add_argument("--grid", choices=grids.GRIDS, help="grid by name (tiny: a smoke test for the tests)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", help="comma list, e.g. float32 or float64 or bfloat16,float16: the main "
-                                   "sections run in the first; dtype sections only for the listed ones")
-    p.add_argument("--backend", help="comma list of fastrnn backends to compare (default: every fused "
-                                     "backend available on the device; 'torch' adds fastrnn's torch path)")
+    p.add_argument(
+        "--dtype",
+        help="comma list, e.g. float32 or float64 or bfloat16,float16: the main "
+        "sections run in the first; dtype sections only for the listed ones",
+    )
+    p.add_argument(
+        "--backend",
+        help="comma list of fastrnn backends to compare (default: every fused "
+        "backend available on the device; 'torch' adds fastrnn's torch path)",
+    )
     p.add_argument("--out", help="output directory (default bench/results/<device>-<cpu or gpu>-<date>[-<grid>])")
-    p.add_argument("--sections", help="comma list of grid sections to run (main, sweep, long, layers, "
-                                      "packed, padded, float64, bfloat16, float16, relu)")
-    p.add_argument("--compile", action="store_true",
-                   help="also time torch.compile(nn.RNN) (slow: compiles every shape, minutes on a small CPU)")
+    p.add_argument(
+        "--sections",
+        help="comma list of grid sections to run (main, sweep, long, layers, "
+        "packed, padded, float64, bfloat16, float16, relu)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile(nn.RNN) (slow: compiles every shape, minutes on a small CPU)",
+    )
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-process peak memory runs")
     p.add_argument("--no-first-call", action="store_true", help="skip the first-call latency runs")
@@ -77,11 +93,23 @@ def _rows_for(case, mode, result, saved, peak, device, versions):
     for impl, parts in result.items():
         stats = parts[part]
         seconds = stats["ms_median"] / 1e3
-        row = dict(label=case.label, **case.to_json(), tokens=case.tokens,
-                   mode=mode, impl=impl, backend=impls.backend_of(impl), device=device,
-                   torch=versions["torch"], fastrnn=versions["fastrnn"],
-                   ms_median=stats["ms_median"], ms_min=stats["ms_min"], repeats=stats["n"], inner=stats["inner"],
-                   tokens_per_s=case.tokens / seconds, gflops=case.flops(mode) / seconds / 1e9)
+        row = dict(
+            label=case.label,
+            **case.to_json(),
+            tokens=case.tokens,
+            mode=mode,
+            impl=impl,
+            backend=impls.backend_of(impl),
+            device=device,
+            torch=versions["torch"],
+            fastrnn=versions["fastrnn"],
+            ms_median=stats["ms_median"],
+            ms_min=stats["ms_min"],
+            repeats=stats["n"],
+            inner=stats["inner"],
+            tokens_per_s=case.tokens / seconds,
+            gflops=case.flops(mode) / seconds / 1e9,
+        )
         row["peak_share"] = row["gflops"] / peak if peak else None
         if mode == "train":
             for name, key in (("forward", "fwd_"), ("backward", "bwd_")):
@@ -104,8 +132,11 @@ def _progress(i, n, case, mode, rows, started):
         if r["impl"] != "torch" and r.get("speedup"):
             text += f" x{r['speedup']:.2f}"
         parts.append(text)
-    _log(f"[{i:>2}/{n}] {case.section:<8} {case.label:<28} {mode:<9} "
-         + " | ".join(parts) + f"  ({time.perf_counter() - started:.0f} s)")
+    _log(
+        f"[{i:>2}/{n}] {case.section:<8} {case.label:<28} {mode:<9} "
+        + " | ".join(parts)
+        + f"  ({time.perf_counter() - started:.0f} s)"
+    )
 
 
 def _keras_rows(quick):
@@ -130,8 +161,10 @@ def _pick_backends(arg, device):
         usable = set()
     missing = [b for b in wanted if b not in usable]
     if missing:
-        raise SystemExit(f"fastrnn backend(s) {', '.join(missing)} not available here "
-                         f"(available: {', '.join(sorted(usable)) or 'none'})")
+        raise SystemExit(
+            f"fastrnn backend(s) {', '.join(missing)} not available here "
+            f"(available: {', '.join(sorted(usable)) or 'none'})"
+        )
     return wanted
 
 
@@ -161,11 +194,15 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     base_dtype = dtypes[0] if dtypes else "float32"
     note = None
     if not backends:
-        note = ("No fused fastrnn backend is available on this device: only torch.nn.RNN was timed, "
-                "so there are no speedups in this report.")
+        note = (
+            "No fused fastrnn backend is available on this device: only torch.nn.RNN was timed, "
+            "so there are no speedups in this report."
+        )
         _log("warning: " + note)
-    _log(f"fastrnn.bench: grid {grid}, {len(case_list)} cases on {device} ({env['device_name']}), "
-         f"{', '.join(names)} -> {out}")
+    _log(
+        f"fastrnn.bench: grid {grid}, {len(case_list)} cases on {device} ({env['device_name']}), "
+        f"{', '.join(names)} -> {out}"
+    )
 
     peaks = {}
     for dtype in dict.fromkeys([base_dtype] + [c.dtype for c in case_list]):
@@ -173,12 +210,25 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         _log(f"GEMM peak {dtype}: {peaks[dtype]['gflops']:.1f} GFLOP/s (n={peaks[dtype]['n']})")
 
     rows, errors, mem_rows, first, keras_rows = [], [], [], [], []
-    env.update(grid=grid, impls=names, base_dtype=base_dtype,
-               date=datetime.datetime.now().isoformat(timespec="seconds"),
-               command=("python -m fastrnn.bench " + " ".join(args.argv)).strip(), note=note,
-               budget=dict(vars(budget)), cases=[c.to_json() for c in case_list])
-    results = {"meta": env, "gemm_peak": peaks, "rows": rows, "memory": mem_rows, "first_call": first,
-               "keras_seed": keras_rows, "errors": errors}
+    env.update(
+        grid=grid,
+        impls=names,
+        base_dtype=base_dtype,
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        command=("python -m fastrnn.bench " + " ".join(args.argv)).strip(),
+        note=note,
+        budget=dict(vars(budget)),
+        cases=[c.to_json() for c in case_list],
+    )
+    results = {
+        "meta": env,
+        "gemm_peak": peaks,
+        "rows": rows,
+        "memory": mem_rows,
+        "first_call": first,
+        "keras_seed": keras_rows,
+        "errors": errors,
+    }
 
     def save(plots=()):
         # Written after every case too, so that a run killed by a timeout still leaves a report.
@@ -240,18 +290,24 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
             if dtypes:
                 case = dataclasses.replace(case, dtype=base_dtype)
             # The tiny grid only checks the path: one subprocess, the last implementation.
-            for impl in [n for n in names if n != impls.COMPILE][-1 if grid == "tiny" else 0:]:
+            for impl in [n for n in names if n != impls.COMPILE][-1 if grid == "tiny" else 0 :]:
                 res = memory.peak_rss(impl, case, device)
                 entry = {"label": case.label, "impl": impl, "method": "rss"}
                 if "error" in res:
                     entry["error"] = res["error"]
                 else:
-                    entry.update(before_bytes=1024 * res["rss_before_kb"], peak_bytes=1024 * res["rss_peak_kb"],
-                                 step_bytes=1024 * res["rss_step_kb"], hwm_reset=res["hwm_reset"])
+                    entry.update(
+                        before_bytes=1024 * res["rss_before_kb"],
+                        peak_bytes=1024 * res["rss_peak_kb"],
+                        step_bytes=1024 * res["rss_step_kb"],
+                        hwm_reset=res["hwm_reset"],
+                    )
                 mem_rows.append(entry)
                 shown = f"{entry['step_bytes'] / 2**20:.1f} MB" if "step_bytes" in entry else entry["error"]
-                _log(f"memory      {case.label:<28} {impl:<16} peak above start of step {shown}"
-                     f"  ({time.perf_counter() - started:.0f} s)")
+                _log(
+                    f"memory      {case.label:<28} {impl:<16} peak above start of step {shown}"
+                    f"  ({time.perf_counter() - started:.0f} s)"
+                )
 
     save()
     if not args.no_first_call:
@@ -264,8 +320,10 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
             row = first_call(impl, device=device, cold_cache=cold)
             first.append(row)
             shown = f"first fwd+bwd {row['first_call_s']:.2f} s" if "error" not in row else row["error"]
-            _log(f"first call  {impl:<16} {'cold' if cold else 'warm'} cache: {shown}"
-                 f"  ({time.perf_counter() - started:.0f} s)")
+            _log(
+                f"first call  {impl:<16} {'cold' if cold else 'warm'} cache: {shown}"
+                f"  ({time.perf_counter() - started:.0f} s)"
+            )
 
     if args.keras or (not args.no_keras and grid in ("default", "full")):
         found, problem = _keras_rows(quick=grid != "full")

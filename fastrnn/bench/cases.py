@@ -2,6 +2,7 @@
 
 Every grid is a list of :class:`Case`; the report CLI and the pytest-benchmark suite both read it.
 """
+
 import dataclasses
 import math
 
@@ -15,8 +16,14 @@ SHORT_DTYPE = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat1
 # (T, B, H), one layer, input size H, tanh: the training-step grid. It holds PyTorch's fastrnns
 # default (100, 64, 512), DeepSpeech2's plain RNN (300, 20, 800) and latency-bound B=1 shapes.
 TRAIN_SHAPES = (
-    (100, 1, 64), (100, 1, 256), (100, 16, 128), (512, 8, 128),
-    (100, 32, 256), (100, 64, 512), (300, 20, 800), (100, 256, 1024),
+    (100, 1, 64),
+    (100, 1, 256),
+    (100, 16, 128),
+    (512, 8, 128),
+    (100, 32, 256),
+    (100, 64, 512),
+    (300, 20, 800),
+    (100, 256, 1024),
 )
 # Torch takes ~2 s per fwd+bwd on 2 CPU cores: run it, but with few repeats.
 SLOW_SHAPES = {(100, 256, 1024)}
@@ -128,15 +135,18 @@ def grid(name="default", device="cpu", dtypes=None):
     cuda = torch.device(device).type == "cuda"
     if name == "tiny":
         cases = [
-            Case("main", 12, 3, 8), Case("layers", 12, 3, 8, layers=2, bidirectional=True),
-            Case("packed", 12, 3, 8, packed=True), Case("float64", 12, 3, 8, dtype="float64"),
+            Case("main", 12, 3, 8),
+            Case("layers", 12, 3, 8, layers=2, bidirectional=True),
+            Case("packed", 12, 3, 8, packed=True),
+            Case("float64", 12, 3, 8, dtype="float64"),
         ]
     elif name == "quick":
         cases = _train(((100, 1, 64), (100, 16, 128), (100, 64, 512)))
         cases += [
             Case("sweep", 100, 16, 256),
             Case("layers", 100, 16, 128, layers=2, bidirectional=True),
-            Case("packed", 100, 16, 128, packed=True), Case("padded", 100, 16, 128),
+            Case("packed", 100, 16, 128, packed=True),
+            Case("padded", 100, 16, 128),
             Case("float64", 100, 16, 128, dtype="float64"),
         ]
     else:
@@ -155,16 +165,19 @@ def grid(name="default", device="cpu", dtypes=None):
         T, B, H = PACKED_SHAPE
         cases += [Case("packed", T, B, H, packed=True), Case("padded", T, B, H)]
         if full:
-            cases += [Case("packed", T, B, H, layers=2, bidirectional=True, packed=True),
-                      Case("padded", T, B, H, layers=2, bidirectional=True)]
+            cases += [
+                Case("packed", T, B, H, layers=2, bidirectional=True, packed=True),
+                Case("padded", T, B, H, layers=2, bidirectional=True),
+            ]
             cases += [Case("relu", 100, 64, 512, nonlinearity="relu")]
         if cuda:
             extra = HALF_SHAPES if full else HALF_SHAPES[:2]
             cases += [Case(d, T, B, H, dtype=d) for d in ("bfloat16", "float16") for T, B, H in extra]
         else:
             extra = tuple(TRAIN_SHAPES) if full else FLOAT64_SHAPES
-            cases += [Case("float64", T, B, H, dtype="float64", few_repeats=(T, B, H) in SLOW_SHAPES)
-                      for T, B, H in extra]
+            cases += [
+                Case("float64", T, B, H, dtype="float64", few_repeats=(T, B, H) in SLOW_SHAPES) for T, B, H in extra
+            ]
     if dtypes:
         cases = [
             case if case.section in DTYPE_SECTIONS else dataclasses.replace(case, dtype=dtypes[0])

@@ -2,6 +2,7 @@
 runs forward+backward twice. Interpreter start-up is not counted; import, first call (which
 includes any JIT compilation or cache load) and second call are reported separately.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,9 @@ print(json.dumps({"import_torch_s": t1 - t0, "import_fastrnn_s": t2 - t1,
 SHAPE = (100, 16, 128)  # (T, B, H)
 
 
-def first_call(impl: str, device: str = "cpu", shape: tuple[int, int, int] = SHAPE, cold_cache: bool = False,
-               timeout: float = 600) -> dict:
+def first_call(
+    impl: str, device: str = "cpu", shape: tuple[int, int, int] = SHAPE, cold_cache: bool = False, timeout: float = 600
+) -> dict:
     """Time ``impl``'s first forward+backward in a fresh process.
 
     ``cold_cache`` points Numba's and Triton's on-disk caches at an empty directory, so the

@@ -7,6 +7,7 @@
 
 ``versions`` and ``installed`` run anywhere; the other two need CUDA and Triton.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,14 @@ from collections.abc import Callable
 import torch
 
 # (T, B, directions, H): on-chip and tiled paths, one and two directions, up to H = 1000.
-TIMING_SHAPES = ((512, 16, 1, 64), (512, 64, 1, 128), (256, 64, 2, 128), (256, 256, 1, 256),
-                 (128, 32, 1, 512), (64, 16, 1, 1000))
+TIMING_SHAPES = (
+    (512, 16, 1, 64),
+    (512, 64, 1, 128),
+    (256, 64, 2, 128),
+    (256, 256, 1, 256),
+    (128, 32, 1, 512),
+    (64, 16, 1, 1000),
+)
 # What ncu profiles: on-chip fp32 (reduce), on-chip bf16 (tl.dot), tiled bf16 (H = 1000).
 NCU_CASES = ((torch.float32, 128), (torch.bfloat16, 128), (torch.bfloat16, 1000))
 KERNELS = ("_elman_fwd_kernel", "_elman_bwd_kernel", "_elman_fwd_tiled_kernel", "_elman_bwd_tiled_kernel")
@@ -34,8 +41,18 @@ def versions() -> int:
     except ImportError:
         triton_version = "not installed"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton_version,
-          "cuda", torch.version.cuda, "gpu", gpu)
+    print(
+        "python",
+        sys.version.split()[0],
+        "torch",
+        torch.__version__,
+        "triton",
+        triton_version,
+        "cuda",
+        torch.version.cuda,
+        "gpu",
+        gpu,
+    )
     return 0
 
 
@@ -89,8 +106,10 @@ def kernel_timing() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dev = "cuda"
-    print(f"{'dtype':9} {'T':>4} {'B':>4} {'D':>2} {'H':>5} {'path':6} {'fwd_ms':>8} {'bwd_ms':>8} "
-          f"{'cudnn_fwd':>9} {'cudnn_fb':>9} {'fwd_x':>6}")
+    print(
+        f"{'dtype':9} {'T':>4} {'B':>4} {'D':>2} {'H':>5} {'path':6} {'fwd_ms':>8} {'bwd_ms':>8} "
+        f"{'cudnn_fwd':>9} {'cudnn_fb':>9} {'fwd_x':>6}"
+    )
     for dtype in (torch.float32, torch.bfloat16):
         for T, B, D, H in TIMING_SHAPES:
             g = torch.Generator(device=dev).manual_seed(0)
@@ -107,8 +126,11 @@ def kernel_timing() -> int:
             cf = _median_ms(rnn, x)
             cfb = _median_ms(_forward_backward, rnn, x)
             path = "onchip" if E._launch_config(B, D, H, dtype, torch.device(dev))[0] else "tiled"
-            print(f"{str(dtype)[6:]:9} {T:4d} {B:4d} {D:2d} {H:5d} {path:6} {f:8.3f} {b:8.3f} {cf:9.3f} "
-                  f"{cfb:9.3f} {cf / f:6.2f}", flush=True)
+            print(
+                f"{str(dtype)[6:]:9} {T:4d} {B:4d} {D:2d} {H:5d} {path:6} {f:8.3f} {b:8.3f} {cf:9.3f} "
+                f"{cfb:9.3f} {cf / f:6.2f}",
+                flush=True,
+            )
 
     # Triton's internal cache API: best effort across versions.
     for name in KERNELS:
@@ -117,8 +139,18 @@ def kernel_timing() -> int:
             caches = getattr(fn, "device_caches", None) or {}
             for kernel in [k for c in caches.values() for k in c[0].values()]:
                 kernel._init_handles()
-                print(name, "warps", kernel.metadata.num_warps, "regs", kernel.n_regs, "spills", kernel.n_spills,
-                      "shared", kernel.metadata.shared, flush=True)
+                print(
+                    name,
+                    "warps",
+                    kernel.metadata.num_warps,
+                    "regs",
+                    kernel.n_regs,
+                    "spills",
+                    kernel.n_spills,
+                    "shared",
+                    kernel.metadata.shared,
+                    flush=True,
+                )
         except Exception as exc:
             print(name, "no compile stats:", repr(exc))
     return 0
@@ -140,13 +172,19 @@ def ncu_launches() -> int:
 
 
 COMMANDS: dict[str, Callable[[], int]] = {
-    "versions": versions, "installed": installed, "kernel-timing": kernel_timing, "ncu-launches": ncu_launches,
+    "versions": versions,
+    "installed": installed,
+    "kernel-timing": kernel_timing,
+    "ncu-launches": ncu_launches,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastrnn.bench.gpu_check", description=__doc__.replace("::", ":"),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fastrnn.bench.gpu_check",
+        description=__doc__.replace("::", ":"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=COMMANDS)
     return COMMANDS[parser.parse_args(argv).command]()
 

@@ -4,6 +4,7 @@
 A :class:`Runner` owns one module and its inputs and exposes the three calls the timers need:
 ``forward()``, ``backward(outputs)`` and ``infer()``.
 """
+
 import dataclasses
 
 import torch
@@ -36,14 +37,19 @@ def impl_names(device="cpu", backends=None, compile=False):
 
 
 def backend_of(impl):
-    return impl[len("fastrnn["):-1] if impl.startswith("fastrnn[") else None
+    return impl[len("fastrnn[") : -1] if impl.startswith("fastrnn[") else None
 
 
 def reference_module(case, device, seed=0):
     torch.manual_seed(seed)
     return torch.nn.RNN(
-        case.input_size, case.H, num_layers=case.layers, nonlinearity=case.nonlinearity,
-        bidirectional=case.bidirectional, device=device, dtype=DTYPES[case.dtype],
+        case.input_size,
+        case.H,
+        num_layers=case.layers,
+        nonlinearity=case.nonlinearity,
+        bidirectional=case.bidirectional,
+        device=device,
+        dtype=DTYPES[case.dtype],
     )
 
 
@@ -65,8 +71,14 @@ def build(impl, case, device, reference=None):
     import fastrnn
 
     module = fastrnn.RNN(
-        case.input_size, case.H, num_layers=case.layers, nonlinearity=case.nonlinearity,
-        bidirectional=case.bidirectional, device=device, dtype=DTYPES[case.dtype], backend=backend,
+        case.input_size,
+        case.H,
+        num_layers=case.layers,
+        nonlinearity=case.nonlinearity,
+        bidirectional=case.bidirectional,
+        device=device,
+        dtype=DTYPES[case.dtype],
+        backend=backend,
     )
     module.load_state_dict(reference.state_dict())
     return module
@@ -74,8 +86,9 @@ def build(impl, case, device, reference=None):
 
 def make_inputs(case, device, seed=1):
     """x (T, B, I) [as a PackedSequence when the case is packed], a leaf that requires grad."""
-    return make_input(case.T, case.B, case.input_size, dtype=DTYPES[case.dtype], device=device,
-                      packed=case.packed, seed=seed)
+    return make_input(
+        case.T, case.B, case.input_size, dtype=DTYPES[case.dtype], device=device, packed=case.packed, seed=seed
+    )
 
 
 def _sync(device):
@@ -99,8 +112,10 @@ class Runner:
     def create(cls, impl, case, device, reference=None):
         module = build(impl, case, device, reference)
         rows = case.tokens if case.packed else (case.T, case.B)
-        shapes = ((*([rows] if case.packed else rows), case.directions * case.H),
-                  (case.layers * case.directions, case.B, case.H))
+        shapes = (
+            (*([rows] if case.packed else rows), case.directions * case.H),
+            (case.layers * case.directions, case.B, case.H),
+        )
         gen = torch.Generator().manual_seed(2)
         grads = tuple(torch.randn(s, generator=gen).to(device=device, dtype=DTYPES[case.dtype]) for s in shapes)
         return cls(impl, case, device, module, make_inputs(case, device), grads)

@@ -8,6 +8,7 @@ backend is already loaded in this process. Standalone: ``python -m fastrnn.bench
 Keras is imported inside the functions: the backend is fixed by the first import, and the bench
 must pick torch only if nothing imported Keras before it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,19 +31,22 @@ def create_rnn_model(input_shape: tuple[int, int] = INPUT_SHAPE, num_classes: in
     import keras
 
     rnn = rnn or keras.layers.SimpleRNN
-    model = keras.Sequential([
-        keras.layers.Input(shape=input_shape),
-        rnn(64, return_sequences=True),
-        rnn(32),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dense(num_classes, activation="softmax"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.layers.Input(shape=input_shape),
+            rnn(64, return_sequences=True),
+            rnn(32),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(num_classes, activation="softmax"),
+        ]
+    )
     model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
     return model
 
 
-def random_data(samples: int, input_shape: tuple[int, int] = INPUT_SHAPE, num_classes: int = NUM_CLASSES,
-                seed: int = 0):
+def random_data(
+    samples: int, input_shape: tuple[int, int] = INPUT_SHAPE, num_classes: int = NUM_CLASSES, seed: int = 0
+):
     """Random inputs and one-hot labels for :func:`create_rnn_model` (numpy arrays)."""
     import keras
     import numpy as np
@@ -94,21 +98,23 @@ def run(quick: bool = True) -> list[dict]:
     rows = []
     for name, ts in times.items():
         median = statistics.median(ts)
-        rows.append({
-            "case": CASE,
-            "impl": name,
-            "epochs_per_s": 1 / median,
-            "ms_per_epoch": 1000 * median,
-            "ms_per_epoch_min": 1000 * min(ts),
-            "speedup": stock_median / median,
-            "samples": samples,
-            "batch": batch,
-            "repeats": repeats,
-            "max_weight_diff": weight_diff,
-            "device": device,
-            "keras": keras.version(),
-            "torch": torch.__version__,
-        })
+        rows.append(
+            {
+                "case": CASE,
+                "impl": name,
+                "epochs_per_s": 1 / median,
+                "ms_per_epoch": 1000 * median,
+                "ms_per_epoch_min": 1000 * min(ts),
+                "speedup": stock_median / median,
+                "samples": samples,
+                "batch": batch,
+                "repeats": repeats,
+                "max_weight_diff": weight_diff,
+                "device": device,
+                "keras": keras.version(),
+                "torch": torch.__version__,
+            }
+        )
     return rows
 
 

@@ -11,6 +11,7 @@
   (``/proc/self/clear_refs``), so JIT compilation does not count.
 - CUDA peak: ``torch.cuda.max_memory_allocated`` above what was allocated before the step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,17 @@ def measure_rss(impl, case, device="cpu"):
 
 def peak_rss(impl, case, device="cpu", timeout=300):
     """:func:`measure_rss` in a subprocess; returns its dict, or ``{"error": ...}``."""
-    cmd = [sys.executable, "-m", "fastrnn.bench.memory", "--impl", impl, "--device", device,
-           "--case", json.dumps(case.to_json())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastrnn.bench.memory",
+        "--impl",
+        impl,
+        "--device",
+        device,
+        "--case",
+        json.dumps(case.to_json()),
+    ]
     env = dict(os.environ)
     # A fixed mmap threshold: large buffers go back to the OS when freed, so RSS tracks live memory.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")

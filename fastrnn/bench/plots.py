@@ -1,7 +1,8 @@
 """PNG plots of a results.json (matplotlib, Agg backend). Measuring never imports this module.
 
-    python -m fastrnn.bench.plots bench/results/<dir>/results.json   # redraw the plots
+python -m fastrnn.bench.plots bench/results/<dir>/results.json   # redraw the plots
 """
+
 import collections
 import json
 import os
@@ -28,9 +29,15 @@ def speedup_vs_hidden(results, path):
     plt = _pyplot()
     base = results["meta"]["base_dtype"]
     rows = [
-        r for r in results["rows"]
-        if r["mode"] == "train" and r["layers"] == 1 and not r["bidirectional"] and not r["packed"]
-        and r["dtype"] == base and r.get("speedup") and r["impl"] != "torch"
+        r
+        for r in results["rows"]
+        if r["mode"] == "train"
+        and r["layers"] == 1
+        and not r["bidirectional"]
+        and not r["packed"]
+        and r["dtype"] == base
+        and r.get("speedup")
+        and r["impl"] != "torch"
     ]
     # One sequence length, so that a line shows H alone: the sweep's, or the commonest one.
     lengths = collections.Counter(r["T"] for r in rows)
@@ -64,8 +71,11 @@ def speedup_vs_hidden(results, path):
 def memory_bars(results, path):
     """Bytes saved for backward (main cases) and peak memory of one step (memory cases)."""
     plt = _pyplot()
-    saved = [r for r in results["rows"]
-             if r["mode"] == "train" and r["section"] in ("main", "layers", "packed") and "saved_bytes" in r]
+    saved = [
+        r
+        for r in results["rows"]
+        if r["mode"] == "train" and r["section"] in ("main", "layers", "packed") and "saved_bytes" in r
+    ]
     peaks = [m for m in results.get("memory", []) if "step_bytes" in m]
     if plt is None or not (saved or peaks):
         return None

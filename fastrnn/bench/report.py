@@ -1,4 +1,5 @@
 """results.json and report.md from the rows a run measured (no measuring here)."""
+
 import json
 import math
 import os
@@ -63,8 +64,10 @@ def _table(header, lines):
 
 def _rows(results, mode, sections=None, dtype=None):
     return [
-        r for r in results["rows"]
-        if r["mode"] == mode and (sections is None or r["section"] in sections)
+        r
+        for r in results["rows"]
+        if r["mode"] == mode
+        and (sections is None or r["section"] in sections)
         and (dtype is None or r["dtype"] == dtype)
     ]
 
@@ -94,9 +97,15 @@ def _train_table(rows, with_peak=True):
         if "error" in r:
             lines.append(_error_line(r))
             continue
-        line = [r["label"], r["impl"], _ms(r), f"{fmt_ms(r['fwd_ms_median'])} / {fmt_ms(r['bwd_ms_median'])}",
-                _tokens(r["tokens_per_s"]), _num(r["gflops"])]
-        line += ([_num(100 * r["peak_share"], "{:.1f}%") if r.get("peak_share") else "—"] if with_peak else [])
+        line = [
+            r["label"],
+            r["impl"],
+            _ms(r),
+            f"{fmt_ms(r['fwd_ms_median'])} / {fmt_ms(r['bwd_ms_median'])}",
+            _tokens(r["tokens_per_s"]),
+            _num(r["gflops"]),
+        ]
+        line += [_num(100 * r["peak_share"], "{:.1f}%") if r.get("peak_share") else "—"] if with_peak else []
         line += [_speedup(r), _bytes(r.get("saved_bytes"))]
         lines.append(line)
     return _table(header, lines)
@@ -118,7 +127,8 @@ def _inference_table(rows):
 def _sweep_tables(results):
     base = results["meta"]["base_dtype"]
     rows = [
-        r for r in _rows(results, "train", dtype=base)
+        r
+        for r in _rows(results, "train", dtype=base)
         if r["T"] == 100 and r["layers"] == 1 and not r["bidirectional"] and not r["packed"] and r.get("speedup")
     ]
     out = []
@@ -126,8 +136,10 @@ def _sweep_tables(results):
         mine = {(r["B"], r["H"]): r["speedup"] for r in rows if r["impl"] == impl}
         batches, hidden = sorted({b for b, _ in mine}), sorted({h for _, h in mine})
         lines = [[f"B={b}"] + [_num(mine.get((b, h)), "×{:.2f}") for h in hidden] for b in batches]
-        out.append(f"{impl}, training step, T=100, {base}, median speedup:\n\n"
-                   + _table(["", *(f"H={h}" for h in hidden)], lines))
+        out.append(
+            f"{impl}, training step, T=100, {base}, median speedup:\n\n"
+            + _table(["", *(f"H={h}" for h in hidden)], lines)
+        )
     return "\n\n".join(out)
 
 
@@ -135,16 +147,37 @@ def _packed_table(results):
     train = _rows(results, "train")
     lines = []
     for packed in (r for r in train if r["packed"] and "error" not in r):
-        twin = next((r for r in train if not r["packed"] and "error" not in r and r["impl"] == packed["impl"]
-                     and all(r[k] == packed[k] for k in ("T", "B", "H", "I", "layers", "bidirectional", "dtype"))),
-                    None)
-        lines.append([
-            packed["label"], packed["impl"], _ms(packed), _ms(twin) if twin else "—",
-            _num(packed["ms_median"] / twin["ms_median"], "{:.2f}") if twin else "—",
-            _speedup(packed), _speedup(twin) if twin else "—",
-        ])
-    header = ["case (lengths T..T/10)", "impl", "packed ms", "padded ms", "packed / padded",
-              "× torch packed", "× torch padded"]
+        twin = next(
+            (
+                r
+                for r in train
+                if not r["packed"]
+                and "error" not in r
+                and r["impl"] == packed["impl"]
+                and all(r[k] == packed[k] for k in ("T", "B", "H", "I", "layers", "bidirectional", "dtype"))
+            ),
+            None,
+        )
+        lines.append(
+            [
+                packed["label"],
+                packed["impl"],
+                _ms(packed),
+                _ms(twin) if twin else "—",
+                _num(packed["ms_median"] / twin["ms_median"], "{:.2f}") if twin else "—",
+                _speedup(packed),
+                _speedup(twin) if twin else "—",
+            ]
+        )
+    header = [
+        "case (lengths T..T/10)",
+        "impl",
+        "packed ms",
+        "padded ms",
+        "packed / padded",
+        "× torch packed",
+        "× torch padded",
+    ]
     return _table(header, lines) if lines else ""
 
 
@@ -160,17 +193,29 @@ def _memory_section(results):
         if abs(share) < 0.01 and r["section"] != "main":
             same += 1  # the table lists the main shapes and every case that differs
             continue
-        lines.append([r["label"], r["impl"], _bytes(r["torch_saved_bytes"]), _bytes(r["saved_bytes"]),
-                      f"{'+' if diff >= 0 else ''}{_bytes(diff)} ({100 * share:+.0f}%)",
-                      _bytes(r.get("torch_saved_beyond_outputs_bytes")), _bytes(r.get("saved_beyond_outputs_bytes"))])
+        lines.append(
+            [
+                r["label"],
+                r["impl"],
+                _bytes(r["torch_saved_bytes"]),
+                _bytes(r["saved_bytes"]),
+                f"{'+' if diff >= 0 else ''}{_bytes(diff)} ({100 * share:+.0f}%)",
+                _bytes(r.get("torch_saved_beyond_outputs_bytes")),
+                _bytes(r.get("saved_beyond_outputs_bytes")),
+            ]
+        )
     if lines:
-        out.append("Bytes autograd keeps for backward (unique storages; parameters and input excluded); "
-                   "positive = fastrnn keeps less than torch. The last two columns also leave out the "
-                   "storages the call returns (output, h_n): what backward keeps on top of them while "
-                   "the caller holds them.\n\n"
-                   + _table(["case", "impl", "torch", "impl", "saved against torch",
-                             "torch beyond outputs", "impl beyond outputs"], lines)
-                   + (f"\n\n{same} more cases are within 1% of torch." if same else ""))
+        out.append(
+            "Bytes autograd keeps for backward (unique storages; parameters and input excluded); "
+            "positive = fastrnn keeps less than torch. The last two columns also leave out the "
+            "storages the call returns (output, h_n): what backward keeps on top of them while "
+            "the caller holds them.\n\n"
+            + _table(
+                ["case", "impl", "torch", "impl", "saved against torch", "torch beyond outputs", "impl beyond outputs"],
+                lines,
+            )
+            + (f"\n\n{same} more cases are within 1% of torch." if same else "")
+        )
     memory = results.get("memory", [])
     if memory:
         torch_step = {m["label"]: m.get("step_bytes") for m in memory if m["impl"] == "torch"}
@@ -182,11 +227,15 @@ def _memory_section(results):
             ref = torch_step.get(m["label"])
             ratio = "1" if m["impl"] == "torch" else (_num(m["step_bytes"] / ref, "{:.2f}") if ref else "—")
             lines.append([m["label"], m["impl"], _bytes(m["before_bytes"]), _bytes(m["step_bytes"]), ratio])
-        what = ("CUDA `max_memory_allocated` above what was allocated before the step"
-                if memory[0].get("method") == "cuda" else
-                "resident set (VmHWM after resetting it), each in a fresh process, kernels warmed up first")
-        out.append(f"Peak memory of one training step: {what}:\n\n"
-                   + _table(["case", "impl", "before step", "peak above before", "/ torch"], lines))
+        what = (
+            "CUDA `max_memory_allocated` above what was allocated before the step"
+            if memory[0].get("method") == "cuda"
+            else "resident set (VmHWM after resetting it), each in a fresh process, kernels warmed up first"
+        )
+        out.append(
+            f"Peak memory of one training step: {what}:\n\n"
+            + _table(["case", "impl", "before step", "peak above before", "/ torch"], lines)
+        )
     return "\n\n".join(out)
 
 
@@ -197,9 +246,16 @@ def _first_call_table(rows):
         if "error" in r:
             lines.append([r["impl"], cache, f"error: {r['error']}", "—", "—", "—"])
             continue
-        lines.append([r["impl"], cache, f"{r['import_torch_s']:.2f}",
-                      f"{r['import_fastrnn_s']:.2f}" if r["impl"] != "torch" else "—",
-                      f"{r['first_call_s']:.2f}", f"{1e3 * r['second_call_s']:.1f} ms"])
+        lines.append(
+            [
+                r["impl"],
+                cache,
+                f"{r['import_torch_s']:.2f}",
+                f"{r['import_fastrnn_s']:.2f}" if r["impl"] != "torch" else "—",
+                f"{r['first_call_s']:.2f}",
+                f"{1e3 * r['second_call_s']:.1f} ms",
+            ]
+        )
     return _table(["impl", "cache", "import torch s", "import fastrnn s", "first fwd+bwd s", "second"], lines)
 
 
@@ -237,11 +293,15 @@ def write_markdown(results, path, plots=()):
             lines.extend(["", f"## {title}", "", body])
 
     main = _rows(results, "train", {"main"}, base)
-    section(f"Training step (forward+backward), {base}, one layer, tanh",
-            "\n\n".join(x for x in (_train_table(main), _geomean_line(main, "training step")) if x))
+    section(
+        f"Training step (forward+backward), {base}, one layer, tanh",
+        "\n\n".join(x for x in (_train_table(main), _geomean_line(main, "training step")) if x),
+    )
     inference = _rows(results, "inference", {"main"}, base)
-    section("Inference (forward under no_grad)",
-            "\n\n".join(x for x in (_inference_table(inference), _geomean_line(inference, "inference")) if x))
+    section(
+        "Inference (forward under no_grad)",
+        "\n\n".join(x for x in (_inference_table(inference), _geomean_line(inference, "inference")) if x),
+    )
     section("Hidden-size sweep", _sweep_tables(results))
     section("Layers and bidirectional", _train_table(_rows(results, "train", {"layers"})))
     section("Long sequences", _train_table(_rows(results, "train", {"long"})))
@@ -253,9 +313,11 @@ def write_markdown(results, path, plots=()):
     section("Other cases", _train_table(_rows(results, "train", {"relu"})))
     section("Memory", _memory_section(results))
     if results.get("first_call"):
-        section("First call (fresh process)",
-                f"Small RNN (T, B, H) = {tuple(results['first_call'][0].get(k) for k in 'TBH')}, "
-                "interpreter start not counted:\n\n" + _first_call_table(results["first_call"]))
+        section(
+            "First call (fresh process)",
+            f"Small RNN (T, B, H) = {tuple(results['first_call'][0].get(k) for k in 'TBH')}, "
+            "interpreter start not counted:\n\n" + _first_call_table(results["first_call"]),
+        )
     if results.get("keras_seed"):
         section("Keras seed model (stock vs fused)", _generic_table(results["keras_seed"]))
     if results.get("errors"):
@@ -298,8 +360,12 @@ def environment(device):
         "torch_threads": torch.get_num_threads(),
         "gpu_name": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "versions": {
-            "fastrnn": _version("fastrnn"), "torch": torch.__version__, "numba": _version("numba"),
-            "triton": _version("triton"), "numpy": _version("numpy"), "python": platform.python_version(),
+            "fastrnn": _version("fastrnn"),
+            "torch": torch.__version__,
+            "numba": _version("numba"),
+            "triton": _version("triton"),
+            "numpy": _version("numpy"),
+            "python": platform.python_version(),
         },
         "platform": platform.platform(),
     }

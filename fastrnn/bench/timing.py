@@ -4,6 +4,7 @@ The machines this runs on are noisy, so implementations are never timed one afte
 every repeat times each implementation once, alternating their order, and the report gives both
 the minimum and the median over repeats. Speedups are ratios from the same interleaved run.
 """
+
 import dataclasses
 import gc
 import math

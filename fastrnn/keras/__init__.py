@@ -7,14 +7,11 @@ alone never imports Keras; importing this module does.
 try:
     import keras
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "fastrnn.keras needs Keras 3; install it with: pip install 'fastrnn[keras]'"
-    ) from exc
+    raise ImportError("fastrnn.keras needs Keras 3; install it with: pip install 'fastrnn[keras]'") from exc
 
 if int(keras.version().split(".")[0]) != 3:  # pragma: no cover
     raise ImportError(
-        f"fastrnn.keras supports Keras 3.x (it overrides the internal RNN.inner_loop); "
-        f"found keras {keras.version()}"
+        f"fastrnn.keras supports Keras 3.x (it overrides the internal RNN.inner_loop); found keras {keras.version()}"
     )
 
 from fastrnn.keras.convert import convert

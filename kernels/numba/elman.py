@@ -7,6 +7,7 @@ caller and the recurrence kernels carry only the sequential part; small layers r
 included, on one thread) in the layer kernels, where torch's per-op cost would dominate. Layouts
 follow CONTRACTS.md.
 """
+
 import contextlib
 import ctypes
 import glob
@@ -34,6 +35,7 @@ _BLAS_MIN_HIDDEN = 512
 # A setting (README, "Settings"): FASTRNN_WHOLE_LAYER_MACS at import, or assign it; -1 sends
 # every layer to the split path, a huge value every layer to the whole-layer kernels.
 WHOLE_LAYER_MACS = int(os.environ.get("FASTRNN_WHOLE_LAYER_MACS", 1 << 22))
+
 
 @njit(inline="always", **_JIT)
 def _rows_times_four(a, w, out, i, k):
@@ -300,7 +302,9 @@ def _layer_fwd_kernel(x, w_ih, bias, w_hh, h0, lengths, relu, single):
     h_n = np.empty_like(h0)
     proj = np.empty((seq_len, batch, n_dir, hidden), x.dtype)
     flat_proj = proj.reshape(seq_len * batch, n_dir * hidden)
-    _hand_matmul(x.reshape(seq_len * batch, n_in), np.ascontiguousarray(w_ih.reshape(n_dir * hidden, n_in).T), flat_proj)
+    _hand_matmul(
+        x.reshape(seq_len * batch, n_in), np.ascontiguousarray(w_ih.reshape(n_dir * hidden, n_in).T), flat_proj
+    )
     if bias.size:
         flat_proj += bias.reshape(1, n_dir * hidden)
     _elman_fwd_serial_kernel(proj, w_hh, h0, lengths, relu, single, False, out, h_n)
@@ -338,7 +342,7 @@ def _layer_bwd_kernel(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, 
     _hand_matmul(flat_t, rows, grad_w_ih.reshape(n_dir * hidden, n_in))
     grad_bias[:] = flat.sum(axis=0).reshape(n_dir, hidden)
     for d in range(n_dir):
-        _hand_matmul(flat_t[d * hidden:(d + 1) * hidden], _previous_states(out, h0, lengths, d), grad_w_hh[d])
+        _hand_matmul(flat_t[d * hidden : (d + 1) * hidden], _previous_states(out, h0, lengths, d), grad_w_hh[d])
     return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias
 
 
@@ -461,8 +465,12 @@ def _check_recurrence(proj, w_hh, lengths, state, **named):
     """proj (or out) (T, B, D, H), w_hh (D, H, H), the (D, B, H) state (h0 or grad_hn) and any other
     tensor shaped like proj."""
     if proj.dim() != 4 or w_hh.shape != (proj.shape[2], proj.shape[3], proj.shape[3]):
-        raise ValueError(f"expected proj (T, B, D, H) and w_hh (D, H, H), got {tuple(proj.shape)} and {tuple(w_hh.shape)}")
-    if state.shape != (proj.shape[2], proj.shape[1], proj.shape[3]) or any(t.shape != proj.shape for t in named.values()):
+        raise ValueError(
+            f"expected proj (T, B, D, H) and w_hh (D, H, H), got {tuple(proj.shape)} and {tuple(w_hh.shape)}"
+        )
+    if state.shape != (proj.shape[2], proj.shape[1], proj.shape[3]) or any(
+        t.shape != proj.shape for t in named.values()
+    ):
         raise ValueError(f"expected a (D, B, H) state and (T, B, D, H) tensors for proj {tuple(proj.shape)}")
     _check(lengths, proj.shape[1], proj=proj, w_hh=w_hh, state=state, **named)
 
@@ -474,7 +482,9 @@ def elman_forward(proj, w_hh, h0, lengths, relu):
     out = torch.empty_like(proj)
     h_n = torch.empty_like(h0)
     args = (*_arrays(proj, w_hh, h0, lengths), bool(relu), proj.dtype == torch.float32)
-    _launch(_elman_fwd_kernel, _elman_fwd_serial_kernel, args, _arrays(out, h_n), batch, n_dir, proj.shape[3], proj.dtype)
+    _launch(
+        _elman_fwd_kernel, _elman_fwd_serial_kernel, args, _arrays(out, h_n), batch, n_dir, proj.shape[3], proj.dtype
+    )
     return out, h_n
 
 
@@ -485,8 +495,16 @@ def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu):
     grad_pre = torch.empty_like(out)
     grad_h0 = torch.empty_like(grad_hn)
     inputs, outputs = _arrays(grad_out, grad_hn, out, w_hh, lengths), _arrays(grad_pre, grad_h0)
-    _launch(_elman_bwd_kernel, _elman_bwd_serial_kernel, (*inputs, bool(relu)), outputs, batch, n_dir, out.shape[3],
-            out.dtype)
+    _launch(
+        _elman_bwd_kernel,
+        _elman_bwd_serial_kernel,
+        (*inputs, bool(relu)),
+        outputs,
+        batch,
+        n_dir,
+        out.shape[3],
+        out.dtype,
+    )
     return grad_pre, grad_h0
 
 
@@ -563,11 +581,14 @@ def layer_backward(grad_out, grad_hn, x, params, out, h0, lengths, relu, input_g
     w_ih, w_hh, _ = _stacked_arrays(params, with_bias=False)
     grad_out_a, grad_hn_a, x_a, out_a, h0_a, lengths_a = _arrays(grad_out, grad_hn, x, out, h0, lengths)
     grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_bias = _layer_bwd_kernel(
-        grad_out_a, grad_hn_a, x_a, w_ih, w_hh, out_a, h0_a, lengths_a, bool(relu), bool(input_grad))
+        grad_out_a, grad_hn_a, x_a, w_ih, w_hh, out_a, h0_a, lengths_a, bool(relu), bool(input_grad)
+    )
     n_params = len(params[0])
     # Sliced in NumPy: a torch select per gradient costs more than the slicing and the copy.
-    grad_params = [tuple(map(torch.from_numpy, (grad_w_ih[d], grad_w_hh[d], grad_bias[d], grad_bias[d].copy())[:n_params]))
-                   for d in range(len(params))]
+    grad_params = [
+        tuple(map(torch.from_numpy, (grad_w_ih[d], grad_w_hh[d], grad_bias[d], grad_bias[d].copy())[:n_params]))
+        for d in range(len(params))
+    ]
     return (torch.from_numpy(grad_x) if input_grad else None), torch.from_numpy(grad_h0), grad_params
 
 
@@ -575,7 +596,11 @@ def warm_up():
     """Compile (or load from Numba's cache) every kernel variant for float32 and float64, so that a
     first call in a later process only loads them. ``python -m fastrnn.kernels.numba.elman``."""
     for dtype in (torch.float32, torch.float64):
-        x, w, h0 = torch.zeros(2, 1, 4, dtype=dtype), torch.zeros(1, 4, 4, dtype=dtype), torch.zeros(1, 1, 4, dtype=dtype)
+        x, w, h0 = (
+            torch.zeros(2, 1, 4, dtype=dtype),
+            torch.zeros(1, 4, 4, dtype=dtype),
+            torch.zeros(1, 1, 4, dtype=dtype),
+        )
         params = [(w[0], w[0])]
         out, h_n = layer_forward(x, params, h0, torch.full((1,), 2), False)
         layer_backward(out, h_n, x, params, out, h0, torch.full((1,), 2), False, True)

@@ -3,6 +3,7 @@
 Numba's on-disk cache of the kernels that inline these is keyed on the kernels' own file, so after
 editing this one, delete kernels/numba/__pycache__ (or touch elman.py) to recompile them.
 """
+
 import math
 
 import numpy as np
@@ -11,10 +12,17 @@ from numba import njit
 # float32 tanh as x * P(x^2) / Q(x^2) on [-c, c], fitted for this project (max abs error 3.3e-7,
 # relative 2.8e-7 in float32 arithmetic).
 _CLAMP_FLOAT32 = np.float32(7.90531110763549805)
-_P_FLOAT32 = tuple(np.float32(c) for c in (
-    0.9999999221447464, 0.1298079984097228, 0.002987740520506569,
-    9.900016666518573e-06, -1.4788625550028422e-08, 2.379562957996432e-11,
-))
+_P_FLOAT32 = tuple(
+    np.float32(c)
+    for c in (
+        0.9999999221447464,
+        0.1298079984097228,
+        0.002987740520506569,
+        9.900016666518573e-06,
+        -1.4788625550028422e-08,
+        2.379562957996432e-11,
+    )
+)
 _Q_FLOAT32 = tuple(np.float32(c) for c in (1.0, 0.46314102049974815, 0.024035111828076185, 0.0002374897469839997))
 # tanh(z) rounds to 1.0 in float32 from here on (1 - tanh z < 2^-25).
 _ONE_FLOAT32 = np.float32(9.01)

@@ -19,6 +19,7 @@ Pointwise math, accumulation and the carried state are float32. The matmul opera
 storage dtype: for float16/bfloat16 the state is rounded to the dtype it is stored in, as
 ``torch.nn.RNN`` does. float32 matmuls are IEEE unless ``allow_tf32`` (or ``ALLOW_TF32``) opts in.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -98,10 +99,22 @@ def _block_rows(len_ptr, B, T, BLOCK_B: tl.constexpr):
 
 @triton.jit
 def _elman_fwd_kernel(
-    proj_ptr, w_ptr, h0_ptr, len_ptr, out_ptr, hn_ptr,
-    T, B, H, stride_t, stride_b,
-    RELU: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    proj_ptr,
+    w_ptr,
+    h0_ptr,
+    len_ptr,
+    out_ptr,
+    hn_ptr,
+    T,
+    B,
+    H,
+    stride_t,
+    stride_b,
+    RELU: tl.constexpr,
+    PRECISION: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     d = tl.program_id(0)
     rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
@@ -119,14 +132,14 @@ def _elman_fwd_kernel(
 
     # proj of the next step is loaded one iteration ahead, so its latency hides behind the matmul.
     t = _time_index(0, L, d)
-    x = tl.load(proj_ptr + t[:, None].to(tl.int64) * stride_t + seq, mask=mask & (L > 0)[:, None],
-                other=0.0)
+    x = tl.load(proj_ptr + t[:, None].to(tl.int64) * stride_t + seq, mask=mask & (L > 0)[:, None], other=0.0)
     for s in range(0, n_steps):
         active = (L > s)[:, None]
         ptrs = t[:, None].to(tl.int64) * stride_t + seq
         t_next = _time_index(s + 1, L, d)
-        x_next = tl.load(proj_ptr + t_next[:, None].to(tl.int64) * stride_t + seq,
-                         mask=mask & (L > s + 1)[:, None], other=0.0)
+        x_next = tl.load(
+            proj_ptr + t_next[:, None].to(tl.int64) * stride_t + seq, mask=mask & (L > s + 1)[:, None], other=0.0
+        )
         z = x.to(tl.float32) + _mm(h, wt, PRECISION, MODE)
         y = _activate(z, RELU)
         h = tl.where(active, y, h)
@@ -143,10 +156,23 @@ def _elman_fwd_kernel(
 
 @triton.jit
 def _elman_bwd_kernel(
-    gout_ptr, ghn_ptr, out_ptr, w_ptr, len_ptr, gpre_ptr, gh0_ptr,
-    T, B, H, stride_t, stride_b,
-    RELU: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    gout_ptr,
+    ghn_ptr,
+    out_ptr,
+    w_ptr,
+    len_ptr,
+    gpre_ptr,
+    gh0_ptr,
+    T,
+    B,
+    H,
+    stride_t,
+    stride_b,
+    RELU: tl.constexpr,
+    PRECISION: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     d = tl.program_id(0)
     rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
@@ -196,10 +222,23 @@ def _elman_bwd_kernel(
 
 @triton.jit
 def _elman_fwd_tiled_kernel(
-    proj_ptr, w_ptr, h0_ptr, len_ptr, out_ptr, hn_ptr,
-    T, B, H, stride_t, stride_b,
-    RELU: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    proj_ptr,
+    w_ptr,
+    h0_ptr,
+    len_ptr,
+    out_ptr,
+    hn_ptr,
+    T,
+    B,
+    H,
+    stride_t,
+    stride_b,
+    RELU: tl.constexpr,
+    PRECISION: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     d = tl.program_id(0)
     rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
@@ -224,15 +263,23 @@ def _elman_fwd_tiled_kernel(
             for k0 in range(0, H, BLOCK_K):
                 ck = k0 + rk
                 # .cg: bypass L1, the state was written by other threads of this CTA.
-                hp = tl.load(prev_rows[:, None] + ck[None, :], mask=active[:, None] & (ck < H)[None, :],
-                             other=0.0, cache_modifier=".cg")
-                wt = tl.load(w_base + cn[None, :] * H + ck[:, None],
-                             mask=(ck < H)[:, None] & (cn < H)[None, :], other=0.0)
+                hp = tl.load(
+                    prev_rows[:, None] + ck[None, :],
+                    mask=active[:, None] & (ck < H)[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                wt = tl.load(
+                    w_base + cn[None, :] * H + ck[:, None], mask=(ck < H)[:, None] & (cn < H)[None, :], other=0.0
+                )
                 acc += _mm(hp, wt, PRECISION, MODE)
             y = _activate(acc, RELU)
             y = tl.where(active[:, None], y, 0.0)  # finished rows write zeros at t = s
-            tl.store(dst_rows[:, None] + cn[None, :], y.to(out_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & (cn < H)[None, :])
+            tl.store(
+                dst_rows[:, None] + cn[None, :],
+                y.to(out_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & (cn < H)[None, :],
+            )
         tl.debug_barrier()  # make this step's state visible to the whole CTA before the next reads it
 
     dst_rows = out_ptr + n_steps.to(tl.int64) * stride_t + seq
@@ -256,10 +303,24 @@ def _elman_fwd_tiled_kernel(
 
 @triton.jit
 def _elman_bwd_tiled_kernel(
-    gout_ptr, ghn_ptr, out_ptr, w_ptr, len_ptr, gpre_ptr, gh0_ptr,
-    T, B, H, stride_t, stride_b,
-    RELU: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    gout_ptr,
+    ghn_ptr,
+    out_ptr,
+    w_ptr,
+    len_ptr,
+    gpre_ptr,
+    gh0_ptr,
+    T,
+    B,
+    H,
+    stride_t,
+    stride_b,
+    RELU: tl.constexpr,
+    PRECISION: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     d = tl.program_id(0)
     rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
@@ -281,14 +342,18 @@ def _elman_bwd_tiled_kernel(
         for n0 in range(0, H, BLOCK_N):
             cn = n0 + rn
             n_ok = (cn < H)[None, :]
-            dh = tl.load(ghn_rows[:, None] + cn[None, :], mask=(active & ~has_next)[:, None] & n_ok,
-                         other=0.0).to(tl.float32)
+            dh = tl.load(ghn_rows[:, None] + cn[None, :], mask=(active & ~has_next)[:, None] & n_ok, other=0.0).to(
+                tl.float32
+            )
             for k0 in range(0, H, BLOCK_K):
                 ck = k0 + rk
-                dzn = tl.load(next_rows[:, None] + ck[None, :], mask=has_next[:, None] & (ck < H)[None, :],
-                              other=0.0, cache_modifier=".cg")
-                w = tl.load(w_base + ck[:, None] * H + cn[None, :],
-                            mask=(ck < H)[:, None] & n_ok, other=0.0)
+                dzn = tl.load(
+                    next_rows[:, None] + ck[None, :],
+                    mask=has_next[:, None] & (ck < H)[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                w = tl.load(w_base + ck[:, None] * H + cn[None, :], mask=(ck < H)[:, None] & n_ok, other=0.0)
                 dh += _mm(dzn, w, PRECISION, MODE)
             if s >= 0:
                 ptrs = t.to(tl.int64)[:, None] * stride_t + seq[:, None] + cn[None, :]
@@ -300,8 +365,11 @@ def _elman_bwd_tiled_kernel(
                 tl.store(gpre_ptr + ptrs, dz.to(gpre_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok)
             else:
                 # Rows with L = 0 never ran: their grad_h0 is grad_hn (loaded above, active is all rows).
-                tl.store(gh0_ptr + d * B * H + rows[:, None] * H + cn[None, :],
-                         dh.to(gh0_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok)
+                tl.store(
+                    gh0_ptr + d * B * H + rows[:, None] * H + cn[None, :],
+                    dh.to(gh0_ptr.dtype.element_ty),
+                    mask=row_ok[:, None] & n_ok,
+                )
         tl.debug_barrier()
 
     dst_rows = gpre_ptr + n_steps.to(tl.int64) * stride_t + seq
@@ -418,8 +486,19 @@ def elman_forward(proj, w_hh, h0, lengths, relu, *, allow_tf32=None):
     onchip, grid, meta = _launch_config(B, D, H, proj.dtype, proj.device, allow_tf32)
     kernel = _elman_fwd_kernel if onchip else _elman_fwd_tiled_kernel
     kernel[grid](
-        proj, w_hh, h0, lengths, out, h_n, T, B, H, B * D * H, D * H,
-        RELU=bool(relu), **meta,
+        proj,
+        w_hh,
+        h0,
+        lengths,
+        out,
+        h_n,
+        T,
+        B,
+        H,
+        B * D * H,
+        D * H,
+        RELU=bool(relu),
+        **meta,
     )
     return out, h_n
 
@@ -454,8 +533,20 @@ def elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu, *, allow_tf32=No
     onchip, grid, meta = _launch_config(B, D, H, out.dtype, out.device, allow_tf32)
     kernel = _elman_bwd_kernel if onchip else _elman_bwd_tiled_kernel
     kernel[grid](
-        grad_out, grad_hn, out, w_hh, lengths, grad_pre, grad_h0, T, B, H, B * D * H, D * H,
-        RELU=bool(relu), **meta,
+        grad_out,
+        grad_hn,
+        out,
+        w_hh,
+        lengths,
+        grad_pre,
+        grad_h0,
+        T,
+        B,
+        H,
+        B * D * H,
+        D * H,
+        RELU=bool(relu),
+        **meta,
     )
     return grad_pre, grad_h0
 

@@ -30,7 +30,6 @@ import fastrnn
 from helpers import assert_close, tolerance
 
 
-
 def _global_state():
     """What importing PyTorch's test utilities could change for the rest of the suite."""
     return {

@@ -96,6 +96,8 @@ def torch_only_mode(tensors: Iterable[Tensor | None] = ()) -> str | None:
         return "exporting" if _is_exporting() else None
     if torch._C._get_tracing_state() is not None:
         return "tracing"
+    if _dispatch_modes():  # FlopCounterMode, FakeTensorMode, ...: they must see torch's ops
+        return "a torch dispatch mode"
     if _peek_functorch() is not None:
         return "a torch.func transform"
     if forward_ad._current_level >= 0:
@@ -113,9 +115,11 @@ def readable_by_kernels(tensors: Iterable[Tensor | None]) -> bool:
 
 
 def _is_exporting():
+    # torch.compiler.is_exporting arrived in torch 2.6; before it, export records the custom ops.
     return getattr(torch.compiler, "is_exporting", lambda: False)()
 
 
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 _functorch = getattr(torch._C, "_functorch", None)
 _peek_functorch = getattr(_functorch, "peek_interpreter_stack", lambda: None)
 _is_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", lambda t: False)
@@ -151,7 +155,7 @@ def resolve(
 def mark_broken(name: str, error: BaseException) -> None:
     """A fused backend failed to compile or launch: warn once, and run torch from now on."""
     if name not in BROKEN:
-        BROKEN[name] = error
+        BROKEN[name] = f"{type(error).__name__}: {error}"  # not the exception: its frames hold tensors
         warnings.warn(
             f"fastrnn: the {name} kernels failed here ({type(error).__name__}: {error}); running torch's "
             f"implementation instead from now on",

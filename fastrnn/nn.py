@@ -18,7 +18,7 @@ class RNN(nn.RNN):
     (see its documentation). One extra keyword-only argument:
 
     Args:
-        backend: ``"auto"`` (default: Numba on CPU, Triton on CUDA), ``"numba"``, ``"triton"`` or
+        backend: ``"auto"`` (default: Numba on CPU, torch's cuDNN on CUDA), ``"numba"``, ``"triton"`` or
             ``"torch"`` (PyTorch's own implementation). ``None`` defers to the ``FASTRNN_BACKEND``
             environment variable. Inputs a fused backend does not cover (dtype, device) run on
             ``torch``.
@@ -108,9 +108,11 @@ class RNN(nn.RNN):
     def __prepare_scriptable__(self) -> nn.RNN:
         # torch.jit.script compiles the stock module's forward: a plain nn.RNN sharing this one's
         # parameters, so scripted models compute what nn.RNN computes and load without fastrnn.
-        plain = nn.RNN.__new__(nn.RNN)
+        # A converted subclass scripts as the user's own class (its methods kept), nn.RNN otherwise.
+        base = next(c for c in type(self).__mro__ if not issubclass(c, RNN))
+        plain = base.__new__(base)
         plain.__dict__.update(self.__dict__)
-        del plain.__dict__["backend"]
+        plain.__dict__.pop("backend", None)
         return plain
 
 

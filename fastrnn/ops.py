@@ -362,13 +362,17 @@ def _torch_gradients(
         output, h_n = reference.rnn(
             inputs[0], inputs[1], list(inputs[2:]), masks, lengths, valid_rows, seq_len, num_layers, relu
         )
-        wanted = [t for t, need in zip(inputs, needs_grad) if need]
-        grads = iter(
-            torch.autograd.grad(
-                (output, h_n), wanted, (grad_out, grad_hn), allow_unused=True, create_graph=create_graph
-            )
+        # One gradient per distinct tensor: a tensor in two slots (tied weights) gets its whole
+        # gradient in its first slot, as autograd sums the slots.
+        slots = {}
+        for t, need in zip(inputs, needs_grad):
+            if need:
+                slots.setdefault(id(t), t)
+        grads = torch.autograd.grad(
+            (output, h_n), list(slots.values()), (grad_out, grad_hn), allow_unused=True, create_graph=create_graph
         )
-    return [next(grads) if need else None for need in needs_grad]
+    by_id = dict(zip(slots, grads))
+    return [by_id.pop(id(t), None) if need else None for t, need in zip(inputs, needs_grad)]
 
 
 def _on_torch_in_backward(backend, grad_out, grad_hn):
@@ -387,7 +391,9 @@ def _guarded(backend, fused, fallback):
         return fused()
     try:
         return fused()
-    except Exception as error:  # noqa: BLE001 - any compiler or driver error
+    except torch.cuda.OutOfMemoryError:  # the caller's to handle (batch-size finders retry it)
+        raise
+    except Exception as error:  # any compiler or driver error
         backends.mark_broken(backend, error)
         return fallback()
 

@@ -299,3 +299,25 @@ def test_failing_triton_kernels_fall_back_to_torch_with_one_warning(monkeypatch)
         warnings.simplefilter("error")
         assert_close(fast(x)[0], ref(x)[0], 1e-5, "later output")
     assert backends.resolve("triton", x.device, x.dtype) == "torch"
+
+
+def test_tied_weights_get_whole_gradients_with_create_graph():
+    ref, fast = twins(4, 4, num_layers=2)
+    for module in (ref, fast):
+        module.weight_hh_l1 = module.weight_hh_l0
+    x = torch.randn(5, 2, 4, dtype=torch.float64, requires_grad=True)
+    grads = [torch.autograd.grad(m(x)[0].pow(2).sum(), m.weight_hh_l0, create_graph=True)[0] for m in (ref, fast)]
+    assert_close(grads[1], grads[0], 1e-10, "tied weight gradient")
+
+
+def test_dispatch_modes_see_torchs_ops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ref, fast = twins(8, 8, dtype=torch.float32)
+    x = torch.randn(10, 2, 8)
+    counts = []
+    for module in (ref, fast):
+        with FlopCounterMode(display=False) as counter:
+            module(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] > 0 and counts[1] == counts[0]

@@ -434,3 +434,22 @@ def test_onnx_dynamo(variant, backend, tmp_path):
     )
     # Built on torch.export: the batch stays dynamic, the seq length is specialised as for stock.
     check_onnx(path, variant, exported_calls(variant), "dynamo ONNX")
+
+
+class _Doubling(torch.nn.RNN):
+    def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return input * 2, input.sum(0)
+
+
+def test_script_of_a_converted_subclass_keeps_its_methods():
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = _Doubling(3, 3)
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    model = fastrnn.convert(Wrapper())
+    x = torch.randn(4, 2, 3)
+    assert torch.equal(torch.jit.script(model)(x), x * 2)

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC) -e '.[dev]'
 	# Compile the Numba kernels into their on-disk cache now, not on a user's first call.
-	$(PY) -m fastrnn.kernels.numba.elman
+	$(PY) -m fastrnn.kernels.numba
 	touch $(STAMP)
 
 # ruff's settings live in pyproject.toml; `make format` rewrites the tree the way lint checks it.

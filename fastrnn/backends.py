@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from .cells import CELLS
+
 BACKENDS = ("numba", "triton", "torch")
 ENV_VAR = "FASTRNN_BACKEND"
 _INSTALL_HINT = {"numba": "pip install numba scipy", "triton": "pip install triton (and a CUDA GPU)"}
@@ -165,6 +167,9 @@ def mark_broken(name: str, error: BaseException) -> None:
 
 
 @functools.cache
-def kernels(name):
-    """The kernel module of a fused backend (``elman_forward`` / ``elman_backward``)."""
-    return importlib.import_module(f"fastrnn.kernels.{name}.elman")
+def kernels(name: str, mode: str = "RNN_TANH"):
+    """The kernel module of a fused backend for cell ``mode`` (CONTRACTS.md, "Kernel launchers"):
+    Numba has one module per cell, Triton one generic over cells."""
+    if name == "numba":
+        return importlib.import_module(f"fastrnn.kernels.numba.{CELLS[mode].kernel}")
+    return importlib.import_module(f"fastrnn.kernels.{name}.recurrence")

@@ -1,4 +1,5 @@
-"""Functional Elman RNN: one fused layer (:func:`elman`) and the layer stack behind ``fastrnn.RNN``."""
+"""Functional recurrent layers: one fused layer per cell (:func:`elman`, :func:`gru`) and the layer
+stack behind the modules."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, ops, reference
+from .cells import CELLS
 from .rows import scatter_rows, select_rows
 
 _NONLINEARITIES = ("tanh", "relu")
@@ -44,16 +46,60 @@ def elman(
     """
     if nonlinearity not in _NONLINEARITIES:
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    mode = "RNN_RELU" if nonlinearity == "relu" else "RNN_TANH"
+    return _one_layer(mode, x, h0, w_ih, w_hh, (bias,), lengths, batch_first, backend)
+
+
+def gru(
+    x: Tensor,
+    h0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    *,
+    lengths: Tensor | None = None,
+    batch_first: bool = False,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One GRU layer in D directions, as ``torch.nn.GRU`` computes it (gates r, z, n in that order):
+    ``r, z = σ(x W_i{r,z}^T + b_i{r,z} + h W_h{r,z}^T + b_h{r,z})``,
+    ``n = tanh(x W_in^T + b_in + r ⊙ (h W_hn^T + b_hn))``, ``h' = (1 - z) ⊙ n + z ⊙ h``.
+
+    Args:
+        x: (T, B, I), or (B, T, I) if ``batch_first``.
+        h0: (D, B, H) initial state, or None for zeros.
+        w_ih: (D, 3H, I); w_hh: (D, 3H, H); b_ih, b_hh: (D, 3H), both or neither.
+        lengths, batch_first, backend: as for :func:`elman`.
+
+    Returns:
+        output (T, B, D*H) [(B, T, D*H) if ``batch_first``], zero past each length, and
+        h_n (D, B, H), each sequence's state after its last valid step.
+    """
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("gru: pass both biases b_ih and b_hh, or neither")
+    return _one_layer("GRU", x, h0, w_ih, w_hh, (b_ih, b_hh), lengths, batch_first, backend)
+
+
+def _one_layer(mode, x, h0, w_ih, w_hh, biases, lengths, batch_first, backend):
+    """The shared body of the one-layer functions; ``biases``: the cell's bias tensors or Nones."""
     if x.dim() != 3:
         raise RuntimeError(f"input must have 3 dimensions, got {x.dim()}")
     if batch_first:
         x = x.transpose(0, 1)
     seq_len, batch, _ = x.shape
-    n_dir, hidden = w_hh.shape[0], w_hh.shape[1]
-    if w_ih.shape != (n_dir, hidden, x.shape[2]) or w_hh.shape != (n_dir, hidden, hidden):
+    gates = CELLS[mode].gates
+    n_dir, hidden = w_hh.shape[0], w_hh.shape[-1]
+    expected = ((n_dir, gates * hidden, x.shape[2]), (n_dir, gates * hidden, hidden))
+    if (w_ih.shape, w_hh.shape) != expected:
         raise RuntimeError(
-            f"expected w_ih (D, H, I) = {(n_dir, hidden, x.shape[2])} and w_hh (D, H, H), "
+            f"expected w_ih (D, {gates}H, I) = {expected[0]} and w_hh (D, {gates}H, H), "
             f"got {tuple(w_ih.shape)} and {tuple(w_hh.shape)}"
+        )
+    biases = tuple(b for b in biases if b is not None)
+    if any(b.shape != (n_dir, gates * hidden) for b in biases):
+        raise RuntimeError(
+            f"expected biases of shape {(n_dir, gates * hidden)}, got {[tuple(b.shape) for b in biases]}"
         )
     if h0 is None:
         h0 = x.new_zeros(n_dir, batch, hidden)
@@ -68,17 +114,20 @@ def elman(
         lengths = lengths.to(device=x.device, dtype=torch.int64)
         if batch and int(lengths.min()) < seq_len:
             valid_rows = valid_rows_of(lengths, seq_len)
-    backend = backends.resolve(backend, x.device, x.dtype, (x, h0, w_ih, w_hh, bias))
-    _check_like(x, (h0, w_ih, w_hh, bias), ("h0", "w_ih", "w_hh", "bias").__getitem__)
+    backend = backends.resolve(backend, x.device, x.dtype, (x, h0, w_ih, w_hh, *biases))
+    _check_like(x, (h0, w_ih, w_hh, *biases), lambda i: ("h0", "w_ih", "w_hh", "bias", "bias")[i])
+    weights = [w for d in range(n_dir) for w in (w_ih[d], w_hh[d], *(b[d] for b in biases))]
     if backend == "torch":
-        output, h_n = reference.elman(x, h0, w_ih, w_hh, bias, lengths, nonlinearity == "relu")
-    else:
-        per_direction = [(w_ih[d], w_hh[d]) + (() if bias is None else (bias[d],)) for d in range(n_dir)]
-        weights = [w for group in per_direction for w in group]
-        rows = x if valid_rows is None else select_rows(x, valid_rows)
-        output, h_n = ops.rnn(rows, h0, weights, [], lengths, valid_rows, seq_len, 1, nonlinearity == "relu", backend)
-        if valid_rows is not None:
-            output = scatter_rows(output, valid_rows, seq_len, batch)
+        return _batch_first(reference.rnn(x, h0, weights, [], lengths, None, seq_len, 1, mode), batch_first)
+    rows = x if valid_rows is None else select_rows(x, valid_rows)
+    output, h_n = ops.rnn(rows, h0, weights, [], lengths, valid_rows, seq_len, 1, mode, backend)
+    if valid_rows is not None:
+        output = scatter_rows(output, valid_rows, seq_len, batch)
+    return _batch_first((output, h_n), batch_first)
+
+
+def _batch_first(result, batch_first):
+    output, h_n = result
     return (output.transpose(0, 1) if batch_first else output), h_n
 
 
@@ -108,8 +157,8 @@ def packed_layout(batch_sizes: Tensor, device: torch.device) -> tuple[Tensor, Te
     return lengths, valid_rows_of(lengths, seq_len).to(device)
 
 
-def stack(x, hx, weights, *, seq_len, num_layers, dropout, training, relu, lengths, packed_rows, backend):
-    """The multi-layer, optionally bidirectional RNN of ``torch.nn.RNN``.
+def stack(x, hx, weights, *, seq_len, num_layers, dropout, training, mode, lengths, packed_rows, backend):
+    """The multi-layer, optionally bidirectional stack of ``torch.nn.RNN`` / ``nn.GRU`` (``mode``).
 
     x: padded (T, B, I), or with ``packed_rows`` (the flat rows t * B + b of packed input) the
     packed data (N, I); the output comes in the same form. ``weights`` holds, per layer and
@@ -122,7 +171,7 @@ def stack(x, hx, weights, *, seq_len, num_layers, dropout, training, relu, lengt
     if dropout and training:
         shape = (seq_len, hx.shape[1], hx.shape[0] // num_layers * hx.shape[2])
         masks = [_dropout_mask(x.new_ones(shape), dropout, packed_rows) for _ in range(num_layers - 1)]
-    return ops.rnn(x, hx, weights, masks, lengths.to(x.device), packed_rows, seq_len, num_layers, relu, backend)
+    return ops.rnn(x, hx, weights, masks, lengths.to(x.device), packed_rows, seq_len, num_layers, mode, backend)
 
 
 def _dropout_mask(ones, p, packed_rows):

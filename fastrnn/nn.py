@@ -1,4 +1,5 @@
-"""``fastrnn.RNN``: ``torch.nn.RNN`` with its time loop and backward pass in fused kernels."""
+"""``fastrnn.RNN`` and ``fastrnn.GRU``: the torch modules with their time loop and backward pass in
+fused kernels. One forward serves every cell; each class only names its torch base."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import backends, functional
+from .cells import CELLS
 
-
-class RNN(nn.RNN):
-    """Drop-in replacement for :class:`torch.nn.RNN`.
-
-    Same constructor, parameters, ``state_dict``, inputs, outputs and errors as ``torch.nn.RNN``
+_BACKEND_DOC = """
+    Same constructor, parameters, ``state_dict``, inputs, outputs and errors as ``torch.nn.{0}``
     (see its documentation). One extra keyword-only argument:
 
     Args:
@@ -23,6 +22,10 @@ class RNN(nn.RNN):
             environment variable. Inputs a fused backend does not cover (dtype, device) run on
             ``torch``.
     """
+
+
+class _Fused(nn.RNNBase):
+    """The forward of every fused module, over the torch base class named after it in the MRO."""
 
     def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -48,7 +51,8 @@ class RNN(nn.RNN):
         else:
             batch_sizes = sorted_indices = unsorted_indices = packed_rows = None
             if input.dim() not in (2, 3):
-                raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+                name = CELLS[self.mode].torch_class.__name__
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
             batched = input.dim() == 3
             if not batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)
@@ -80,7 +84,7 @@ class RNN(nn.RNN):
             num_layers=self.num_layers,
             dropout=self.dropout,
             training=self.training,
-            relu=self.nonlinearity == "relu",
+            mode=self.mode,
             lengths=lengths,
             packed_rows=packed_rows,
             backend=backend,
@@ -105,21 +109,29 @@ class RNN(nn.RNN):
             self._init_flat_weights()
         return weights
 
-    def __prepare_scriptable__(self) -> nn.RNN:
-        # torch.jit.script compiles the stock module's forward: a plain nn.RNN sharing this one's
-        # parameters, so scripted models compute what nn.RNN computes and load without fastrnn.
-        # A converted subclass scripts as the user's own class (its methods kept), nn.RNN otherwise.
-        base = next(c for c in type(self).__mro__ if not issubclass(c, RNN))
+    def __prepare_scriptable__(self) -> nn.RNNBase:
+        # torch.jit.script compiles the stock module's forward: a plain nn.RNN (nn.GRU) sharing this
+        # one's parameters, so scripted models compute what torch computes and load without fastrnn.
+        # A converted subclass scripts as the user's own class (its methods kept).
+        base = next(c for c in type(self).__mro__ if not issubclass(c, _Fused))
         plain = base.__new__(base)
         plain.__dict__.update(self.__dict__)
         plain.__dict__.pop("backend", None)
         return plain
 
 
+class RNN(_Fused, nn.RNN):
+    __doc__ = "Drop-in replacement for :class:`torch.nn.RNN`.\n" + _BACKEND_DOC.format("RNN")
+
+
+class GRU(_Fused, nn.GRU):
+    __doc__ = "Drop-in replacement for :class:`torch.nn.GRU`.\n" + _BACKEND_DOC.format("GRU")
+
+
 def _let_dynamo_trace_rnn_subclasses():
-    # Dynamo refuses every nn.RNN instance unless allow_rnn is set; fastrnn.RNN's forward is plain
+    # Dynamo refuses every nn.RNN/GRU instance unless allow_rnn is set; fastrnn's forward is plain
     # traceable Python around custom ops, so compiled models would otherwise break the graph here.
-    # Set on import (fastrnn.RNN also arrives by convert() and unpickling, which skip __init__).
+    # Set on import (fastrnn modules also arrive by convert() and unpickling, which skip __init__).
     # The flag also lets Dynamo trace stock RNN/LSTM/GRU modules (experimental in torch).
     try:
         import torch._dynamo.config as dynamo_config

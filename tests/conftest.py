@@ -16,7 +16,8 @@ def layer_kernels(request, monkeypatch):
     """Run a test twice on Numba: small layers as one whole-layer call, and every layer split into
     torch GEMMs around the recurrence kernel (the path large layers take)."""
     if request.param == "split":
-        from fastrnn import backends
 
-        monkeypatch.setattr(backends.kernels("numba"), "WHOLE_LAYER_MACS", -1)
+        from fastrnn.kernels.numba import _runtime
+
+        monkeypatch.setattr(_runtime, "WHOLE_LAYER_MACS", -1)
     return request.param

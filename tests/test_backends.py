@@ -46,8 +46,8 @@ def test_env_var_selects_what_runs(monkeypatch, backend):
     monkeypatch.setenv(backends.ENV_VAR, backend)
     ref, fast = twins(3, 4)
     calls = []
-    kernels = backends.kernels("numba")
-    for name in ("elman_forward", "layer_forward"):  # small layers take the whole-layer kernel
+    kernels = backends.kernels("numba", "RNN_TANH")
+    for name in ("forward", "layer_forward"):  # small layers take the whole-layer kernel
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, original=original: calls.append(1) or original(*a))
     compare(ref, fast, torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True))

@@ -62,8 +62,8 @@ def test_gradient_penalty_matches_torch_and_first_order_stays_fused(monkeypatch)
     for expected, actual in zip(penalties["torch"], penalties["fast"]):
         assert_close(actual, expected, 1e-10, "penalty gradient")
     calls = []
-    kernels = backends.kernels("numba")
-    for name in ("elman_backward", "layer_backward"):
+    kernels = backends.kernels("numba", "RNN_TANH")
+    for name in ("backward", "layer_backward"):
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, original=original: calls.append(1) or original(*a))
     fast(x)[0].sum().backward()
@@ -216,12 +216,12 @@ def test_python_threads_share_a_module():
 def test_schemas_inferred_from_type_hints_take_symbolic_sizes():
     common = "Tensor[] weights, Tensor[] masks, Tensor lengths, Tensor? valid_rows, SymInt seq_len"
     assert str(ops.rnn_fwd._opoverload._schema) == (
-        f"fastrnn::rnn_fwd(Tensor x, Tensor hx, {common}, SymInt num_layers, bool relu, str backend) "
+        f"fastrnn::rnn_fwd(Tensor x, Tensor hx, {common}, SymInt num_layers, str mode, str backend) "
         "-> (Tensor, Tensor, Tensor[])"
     )
     assert str(ops.rnn_bwd._opoverload._schema) == (
         f"fastrnn::rnn_bwd(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor hx, {common}, Tensor output, "
-        "Tensor[] inner, SymInt num_layers, bool relu, str backend) -> (Tensor, Tensor, Tensor[])"
+        "Tensor[] inner, SymInt num_layers, str mode, str backend) -> (Tensor, Tensor, Tensor[])"
     )
 
 
@@ -289,7 +289,7 @@ def test_failing_triton_kernels_fall_back_to_torch_with_one_warning(monkeypatch)
     def broken(*args):
         raise RuntimeError("no kernel image")
 
-    monkeypatch.setattr(backends.kernels("triton"), "elman_forward", broken)
+    monkeypatch.setattr(backends.kernels("triton"), "forward", broken)
     ref, fast = twins(3, 4, dtype=torch.float32)
     fast.backend = "triton"
     x = torch.randn(5, 2, 3)

@@ -6,6 +6,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
 from fastrnn import backends, functional, ops
+from fastrnn.cells import CELLS
 from helpers import assert_close, example, twins
 
 pytestmark = pytest.mark.usefixtures("layer_kernels")
@@ -19,14 +20,16 @@ def _layer_inputs(T=4, B=3, I=2, H=3, D=2, dtype=F64, bias=True, requires_grad=T
     return make(T, B, I), make(D, B, H), make(D, H, I), make(D, H, H), make(D, H) if bias else None
 
 
-def _stack_inputs(L=2, D=2, T=4, B=3, I=2, H=3, biases=2, dropout=True, skip_padding=True):
-    """Arguments of fastrnn::rnn_fwd for an L-layer stack with fixed dropout masks."""
+def _stack_inputs(L=2, D=2, T=4, B=3, I=2, H=3, biases=2, dropout=True, skip_padding=True, mode="RNN_TANH"):
+    """Arguments of fastrnn::rnn_fwd (less mode and backend) for an L-layer stack of cell ``mode``
+    with fixed dropout masks."""
+    G = CELLS[mode].gates
     g = torch.Generator().manual_seed(0)
     make = lambda *shape: (torch.randn(*shape, generator=g, dtype=F64) * 0.5).requires_grad_()  # noqa: E731
     weights = []
     for layer in range(L):
         for _ in range(D):
-            weights += [make(H, I if layer == 0 else D * H), make(H, H)] + [make(H) for _ in range(biases)]
+            weights += [make(G * H, I if layer == 0 else D * H), make(G * H, H)] + [make(G * H) for _ in range(biases)]
     masks = [(torch.rand(T, B, D * H, generator=g) > 0.3).to(F64) / 0.7 for _ in range(L - 1)] if dropout else []
     lengths = torch.tensor([4, 1, 3])
     # Skipping padding, the op takes and returns the valid rows alone.
@@ -35,21 +38,25 @@ def _stack_inputs(L=2, D=2, T=4, B=3, I=2, H=3, biases=2, dropout=True, skip_pad
     return x, make(L * D, B, H), weights, masks, lengths, valid_rows, T, L
 
 
-@pytest.mark.parametrize("relu", [False, True])
+_OPCHECK_STACKS = [(1, 1, 2, False, False), (1, 2, 0, False, True), (2, 2, 2, True, True), (3, 1, 1, True, False)]
+
+
+# One summed bias (biases=1) is Elman's alone.
 @pytest.mark.parametrize(
-    "L,D,biases,dropout,skip_padding",
-    [(1, 1, 2, False, False), (1, 2, 0, False, True), (2, 2, 2, True, True), (3, 1, 1, True, False)],
+    "mode,L,D,biases,dropout,skip_padding",
+    [(m, *stack) for m in CELLS for stack in _OPCHECK_STACKS if stack[2] != 1 or CELLS[m].folds_recurrent_bias],
 )
-def test_opcheck(relu, L, D, biases, dropout, skip_padding):
-    args = _stack_inputs(L=L, D=D, biases=biases, dropout=dropout, skip_padding=skip_padding)
-    torch.library.opcheck(torch.ops.fastrnn.rnn_fwd, (*args, relu, "numba"))
+def test_opcheck(mode, L, D, biases, dropout, skip_padding):
+    args = _stack_inputs(L=L, D=D, biases=biases, dropout=dropout, skip_padding=skip_padding, mode=mode)
+    torch.library.opcheck(torch.ops.fastrnn.rnn_fwd, (*args, mode, "numba"))
 
 
+@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU"])
 @pytest.mark.parametrize("L,D", [(2, 2), (3, 1)])
 @pytest.mark.parametrize("skip_padding", [False, True])
-def test_gradcheck_stack_with_dropout_masks(L, D, skip_padding):
-    x, hx, weights, masks, lengths, valid_rows, T, _ = _stack_inputs(L=L, D=D, skip_padding=skip_padding)
-    fn = lambda x, hx, *weights: ops.rnn(x, hx, list(weights), masks, lengths, valid_rows, T, L, False, "numba")  # noqa: E731
+def test_gradcheck_stack_with_dropout_masks(L, D, skip_padding, mode):
+    x, hx, weights, masks, lengths, valid_rows, T, _ = _stack_inputs(L=L, D=D, skip_padding=skip_padding, mode=mode)
+    fn = lambda x, hx, *weights: ops.rnn(x, hx, list(weights), masks, lengths, valid_rows, T, L, mode, "numba")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, hx, *weights))
 
 
@@ -196,28 +203,30 @@ def test_double_backward_of_unsorted_lengths_is_torchs():
 def test_custom_op_backward_has_no_double_backward():
     """Like torch.compile itself (AOTAutograd has no double backward): it fails loudly."""
     x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs()
-    out, _, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
+    out, _, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, valid_rows, T, L, "RNN_TANH", "numba")
     (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="rnn_bwd"):
         grad_x.sum().backward()
 
 
-def test_eager_function_and_custom_op_agree_exactly():
-    x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs()
+@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU"])
+def test_eager_function_and_custom_op_agree_exactly(mode):
+    x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs(mode=mode)
     results = []
     for fn in (ops.rnn, torch.ops.fastrnn.rnn_fwd):
-        out, h_n, *_ = fn(x, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
+        out, h_n, *_ = fn(x, hx, weights, masks, lengths, valid_rows, T, L, mode, "numba")
         grads = torch.autograd.grad((out**2).sum() + h_n.sum(), (x, hx, *weights))
         results.append([out, h_n, *grads])
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-def test_gradients_skip_an_input_that_needs_none():
-    x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs()
+@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU"])
+def test_gradients_skip_an_input_that_needs_none(mode):
+    x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs(mode=mode)
     x.requires_grad_(False)
-    out, h_n = ops.rnn(x, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
+    out, h_n = ops.rnn(x, hx, weights, masks, lengths, valid_rows, T, L, mode, "numba")
     grads = torch.autograd.grad(out.sum() + h_n.sum(), (hx, *weights))
-    out, h_n, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
+    out, h_n, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, valid_rows, T, L, mode, "numba")
     expected = torch.autograd.grad(out.sum() + h_n.sum(), (hx, *weights))
     assert all(torch.equal(a, b) for a, b in zip(grads, expected))
 
@@ -228,7 +237,7 @@ def test_kernels_respect_torch_thread_count(threads, monkeypatch):
     threads. Either way torch's own setting stays as the user left it."""
     import numba
 
-    kernels = backends.kernels("numba")
+    kernels = backends.kernels("numba", "RNN_TANH")
     parallel_calls = []
     original = kernels._elman_fwd_kernel
     monkeypatch.setattr(kernels, "_elman_fwd_kernel", lambda *a: parallel_calls.append(1) or original(*a))
@@ -249,18 +258,19 @@ def test_valid_rows_need_x_as_rows():
     x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs()
     padded = x.new_zeros(T, 3, x.shape[1])
     with pytest.raises(ValueError, match="valid_rows"):
-        ops.rnn(padded, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
+        ops.rnn(padded, hx, weights, masks, lengths, valid_rows, T, L, "RNN_TANH", "numba")
 
 
+@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU"])
 @pytest.mark.parametrize("D", [1, 2])
 @pytest.mark.parametrize("biases", [0, 2])
-def test_single_fused_layer_node_matches_the_stack_op_exactly(D, biases, layer_kernels):
+def test_single_fused_layer_node_matches_the_stack_op_exactly(D, biases, layer_kernels, mode):
     x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs(
-        L=1, D=D, biases=biases, dropout=False, skip_padding=False
+        L=1, D=D, biases=biases, dropout=False, skip_padding=False, mode=mode
     )
     results = []
     for fn in (ops.rnn, torch.ops.fastrnn.rnn_fwd):
-        out, h_n, *_ = fn(x, hx, weights, masks, lengths, valid_rows, T, L, False, "numba")
+        out, h_n, *_ = fn(x, hx, weights, masks, lengths, valid_rows, T, L, mode, "numba")
         if fn is ops.rnn:  # a layer small enough to run whole takes the lean node
             node = "_EagerFusedLayerBackward" if layer_kernels == "whole-layer" else "_EagerRNNBackward"
             assert type(out.grad_fn).__name__ == node

@@ -1,7 +1,7 @@
 """tanh for Numba kernels that LLVM can vectorise, unlike math.tanh (a scalar libm call).
 
 Numba's on-disk cache of the kernels that inline these is keyed on the kernels' own file, so after
-editing this one, delete kernels/numba/__pycache__ (or touch elman.py) to recompile them.
+editing this one, delete kernels/numba/__pycache__ (or touch the cell modules) to recompile them.
 """
 
 import math

@@ -1,0 +1,149 @@
+"""One layer of any cell on a fused backend: the input projection GEMM, the kernel's time loop, and
+in backward the kernel's reverse loop followed by the weight and input gradients as GEMMs over all
+T*B rows (over the valid tokens only with ``valid_rows``). CONTRACTS.md, "Cells".
+
+x: (T, B, I) padded, or (N, I) valid rows; params: per direction (w_ih, w_hh[, b_ih[, b_hh]]) as
+torch holds them; out: (T, B, D, H) padded; saved: what the cell's forward keeps for backward.
+"""
+
+import torch
+
+from . import backends
+from .cells import CELLS
+from .rows import scatter_rows, select_rows
+
+
+def params_of(weights, index, num_layers, n_dir):
+    """Layer ``index``'s parameters, one (w_ih, w_hh[, b_ih[, b_hh]]) sequence per direction, from
+    the flat list ordered as ``nn.RNNBase._flat_weights``."""
+    per_dir = len(weights) // (num_layers * n_dir)
+    first = index * n_dir * per_dir
+    return [weights[first + d * per_dir : first + (d + 1) * per_dir] for d in range(n_dir)]
+
+
+def _stack(tensors):
+    # A view for one direction; two directions are copied, transiently (never saved).
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _biases(params, cell, hidden):
+    """(b_ih (D, G*H) or None, b_hh (D, G*H) or None) as the kernels take them: b_hh added to b_ih
+    where the cell folds it (then None), zeros for a cell without biases that needs one."""
+    if len(params[0]) == 2:
+        zeros = None if cell.folds_recurrent_bias else params[0][1].new_zeros(len(params), cell.gates * hidden)
+        return None, zeros
+    b_ih = _stack([p[2] for p in params])
+    b_hh = _stack([p[3] for p in params]) if len(params[0]) == 4 else None
+    if cell.folds_recurrent_bias:
+        return (b_ih if b_hh is None else b_ih + b_hh), None
+    return b_ih, b_hh if b_hh is not None else torch.zeros_like(b_ih)
+
+
+def _per_direction(n_params, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh):
+    """Stacked (D, ...) gradients -> one tuple per direction, matching (w_ih, w_hh[, b_ih[, b_hh]]).
+    A folded b_hh (grad_b_hh None) gets its own copy of b_ih's: .grad tensors sharing memory would
+    be accumulated, clipped or scaled in place twice."""
+    return [
+        (grad_w_ih[d], grad_w_hh[d], grad_b_ih[d], grad_b_ih[d].clone() if grad_b_hh is None else grad_b_hh[d])[
+            :n_params
+        ]
+        for d in range(grad_w_ih.shape[0])
+    ]
+
+
+def _project(x, w_ih, bias, valid_rows, seq_len, batch):
+    """x @ W_ih^T (+ bias) for every direction at once -> (T, B, D, G*H); with ``valid_rows`` only
+    those rows are computed (the others are left unset: kernels never read proj past a length)."""
+    n_dir, width, n_in = w_ih.shape
+    rows, weights = select_rows(x, valid_rows), w_ih.reshape(n_dir * width, n_in).t()
+    proj = torch.mm(rows, weights) if bias is None else torch.addmm(bias.reshape(-1), rows, weights)
+    if valid_rows is not None:
+        proj = proj.new_empty(seq_len * batch, n_dir * width).index_copy_(0, valid_rows, proj)
+    return proj.view(seq_len, batch, n_dir, width)
+
+
+def padded(x, valid_rows, seq_len, batch):
+    """A layer input as (T, B, I), from its valid rows if that is how it came."""
+    return x if x.dim() == 3 else scatter_rows(x, valid_rows, seq_len, batch)
+
+
+def forward(x, h0, params, lengths, valid_rows, seq_len, mode, backend):
+    """(out (T, B, D*H), h_n (D, B, H), saved). A whole-layer kernel gets the parameters as they
+    are (the launcher stacks them in NumPy)."""
+    cell = CELLS[mode]
+    n_dir, n_in = len(params), params[0][0].shape[1]
+    batch, hidden = h0.shape[1], h0.shape[2]
+    kernels = backends.kernels(backend, mode)
+    if kernels.fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden, mode):
+        out, h_n, saved = kernels.layer_forward(padded(x, valid_rows, seq_len, batch), params, h0, lengths, mode)
+    else:
+        w_ih, w_hh = _stack([p[0] for p in params]), _stack([p[1] for p in params])
+        b_ih, b_hh = _biases(params, cell, hidden)
+        proj = _project(x, w_ih, b_ih, valid_rows, seq_len, batch)
+        out, h_n, saved = kernels.forward(proj, w_hh, b_hh, h0, lengths, mode)
+    return out.view(seq_len, batch, n_dir * hidden), h_n, saved
+
+
+def _grad_w_hh(grad_rec, out, h0, lengths, valid_rows):
+    """dW_hh[d] = sum_t grad_rec_t^T h_prev_t as two GEMMs per direction.
+
+    h_prev_t is out[t-1] (direction 0) or out[t+1] (direction 1) inside a sequence, and h0 at the
+    sequence's first processed step. ``out`` is zero past each length, so the shifted products
+    need no mask; only the h0 term gathers each sequence's first step. With ``valid_rows`` the
+    shifted products pair up only the valid rows of grad_rec.
+    """
+    seq_len, batch, n_dir, hidden = out.shape
+    width = grad_rec.shape[3]
+    if seq_len == 0:
+        return out.new_zeros(n_dir, width, hidden)
+    # Written in place per direction: out-of-place addmm plus a stack cost ~80 us more at B=1, H=256.
+    grads = out.new_empty(n_dir, width, hidden)
+    rows = torch.arange(batch, device=out.device)
+    for d in range(n_dir):
+        dz, h = grad_rec[:, :, d], out[:, :, d]
+        # shift: how many flat rows h_prev lies before dz's row.
+        if d == 0:
+            dz_first, later, earlier, shift = dz[0], dz[1:], h[:-1], batch
+        else:
+            dz_first, later, earlier, shift = dz[(lengths - 1).clamp(min=0), rows], dz[:-1], h[1:], -batch
+        if valid_rows is None:
+            later, earlier = later.reshape(-1, width), earlier.reshape(-1, hidden)
+        else:
+            previous = valid_rows - shift
+            pairs = (previous >= 0) & (previous < seq_len * batch)
+            later = dz.reshape(-1, width).index_select(0, valid_rows[pairs])
+            earlier = h.reshape(-1, hidden).index_select(0, previous[pairs])
+        torch.mm(dz_first.t(), h0[d], out=grads[d])
+        grads[d].addmm_(later.t(), earlier)
+    return grads
+
+
+def backward(grad_out, grad_hn, x, h0, params, out, saved, lengths, valid_rows, mode, backend, input_grad):
+    """Gradients of one layer: (x or None, h0, per direction a tuple matching ``params``).
+    x: (T, B, I) padded, or (N, I) valid rows (its gradient then comes as rows too)."""
+    seq_len, batch = out.shape[:2]
+    n_dir, n_in = len(params), params[0][0].shape[1]
+    hidden = h0.shape[2]
+    out = out.view(seq_len, batch, n_dir, hidden)
+    kernels = backends.kernels(backend, mode)
+    grad_out, grad_hn = grad_out.reshape(out.shape).contiguous(), grad_hn.contiguous()
+    if kernels.fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden, mode):
+        grad_x, grad_h0, grad_params = kernels.layer_backward(
+            grad_out, grad_hn, padded(x, valid_rows, seq_len, batch), params, out, saved, h0, lengths, mode, input_grad
+        )
+        return (grad_x if grad_x is None or x.dim() == 3 else select_rows(grad_x, valid_rows)), grad_h0, grad_params
+    w_ih, w_hh = _stack([p[0] for p in params]), _stack([p[1] for p in params])
+    grad_proj, grad_rec, grad_h0 = kernels.backward(grad_out, grad_hn, out, saved, w_hh, h0, lengths, mode)
+    flat = select_rows(grad_proj, valid_rows)
+    grad_x = None
+    if input_grad:
+        grad_x = torch.mm(flat, w_ih.reshape(-1, n_in))
+        if x.dim() == 3 and valid_rows is not None:
+            grad_x = scatter_rows(grad_x, valid_rows, seq_len, batch)
+        grad_x = grad_x.view(x.shape)
+    grad_w_ih = torch.mm(flat.t(), select_rows(x, valid_rows)).view(w_ih.shape)
+    grad_b_ih = flat.sum(0).view(n_dir, -1)
+    folded = CELLS[mode].folds_recurrent_bias
+    grad_b_hh = None if folded else select_rows(grad_rec, valid_rows).sum(0).view(n_dir, -1)
+    grad_w_hh = _grad_w_hh(grad_rec, out, h0, lengths, valid_rows)
+    return grad_x, grad_h0, _per_direction(len(params[0]), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)

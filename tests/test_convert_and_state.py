@@ -4,6 +4,7 @@ import copy
 import io
 import pickle
 
+import pytest
 import torch
 from torch import nn
 
@@ -120,3 +121,76 @@ def test_distributed_data_parallel(tmp_path):
         dist.destroy_process_group()
     for (name, p), q in zip(ddp.module.named_parameters(), expected.parameters()):
         assert_close(p.grad, q.grad, 1e-10, name)
+
+
+def _gru_twins(*args, **kwargs):
+    torch.manual_seed(0)
+    ref = nn.GRU(*args, **kwargs).double()
+    fast = fastrnn.GRU(*args, **kwargs).double()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def test_convert_swaps_grus_and_classes_chooses_which():
+    model = nn.Sequential(nn.RNN(3, 4), nn.GRU(4, 4, num_layers=2), nn.LSTM(4, 4))
+    params = {name: p for name, p in model.named_parameters()}
+    fastrnn.convert(model, classes=[nn.GRU])
+    assert [type(m) for m in model] == [nn.RNN, fastrnn.GRU, nn.LSTM]
+    fastrnn.convert(model)
+    assert [type(m) for m in model] == [fastrnn.RNN, fastrnn.GRU, nn.LSTM]
+    assert all(p is params[name] for name, p in model.named_parameters())
+    assert repr(model[1]) == "GRU(4, 4, num_layers=2)" and isinstance(model[1], nn.GRU)
+    with pytest.raises(ValueError, match="LSTM"):
+        fastrnn.convert(model, classes=[nn.LSTM])
+
+
+def test_converted_gru_matches_torch():
+    torch.manual_seed(0)
+    ref = nn.GRU(3, 5, bidirectional=True, num_layers=2).double()
+    fast = fastrnn.convert(copy.deepcopy(ref))
+    assert type(fast) is fastrnn.GRU
+    compare(ref, fast, torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True))
+
+
+class _ScaledGRU(nn.GRU):
+    def forward(self, x, hx=None):
+        out, h_n = super().forward(x, hx)
+        return 2 * out, h_n
+
+
+def test_gru_subclass_and_parametrized_gru_convert_and_pickle():
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    ref = _ScaledGRU(3, 4).double()
+    fast = fastrnn.convert(copy.deepcopy(ref))
+    assert isinstance(fast, fastrnn.GRU) and isinstance(fast, _ScaledGRU)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    for clone in (fast, pickle.loads(pickle.dumps(fast)), copy.deepcopy(fast)):
+        compare(ref, clone, x)
+
+    class Half(nn.Module):
+        def forward(self, w):
+            return w / 2
+
+    ref, fast = _gru_twins(3, 4)
+    for module in (ref, fast):
+        parametrize.register_parametrization(module, "weight_hh_l0", Half())
+    plain = copy.deepcopy(ref)
+    fastrnn.convert(plain)
+    assert isinstance(plain, fastrnn.GRU)
+    compare(ref, plain, x)
+    parametrize.remove_parametrizations(plain, "weight_hh_l0")
+    assert type(plain) is fastrnn.GRU
+
+
+def test_gru_state_dict_pickle_and_flatten_parameters_are_torchs():
+    ref, fast = _gru_twins(3, 5, num_layers=2, bidirectional=True)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    fresh = nn.GRU(3, 5, num_layers=2, bidirectional=True).double()
+    fresh.load_state_dict(fast.state_dict())
+    fast.backend = "numba"
+    fast.flatten_parameters()
+    for clone in (pickle.loads(pickle.dumps(fast)), torch.load(_saved(fast), weights_only=False)):
+        assert type(clone) is fastrnn.GRU and clone.backend == "numba"
+        compare(fresh, clone, torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True))

@@ -33,6 +33,7 @@ class Variant:
     h0: bool = False  # the model takes h0 as its second input
     example: tuple = (5, 3)  # (seq_len, batch) of the capture example
     other: tuple = (7, 2)  # a different (seq_len, batch) to run the captured graph on
+    cell: str = "RNN"  # the torch class: RNN or GRU
 
     @property
     def batch_first(self):
@@ -50,12 +51,17 @@ VARIANTS = {
     "relu-nobias-h0": Variant(kwargs=dict(nonlinearity="relu", bias=False, num_layers=2), h0=True),
     # Large enough that Numba splits the layer into torch GEMMs around the recurrence kernel.
     "wide-256": Variant(hidden=256, example=(5, 16), other=(9, 12)),
+    "gru-2layer": Variant(kwargs=dict(num_layers=2), cell="GRU"),
+    "gru-batch_first-bidir-nobias-h0": Variant(
+        kwargs=dict(batch_first=True, bidirectional=True, bias=False), h0=True, cell="GRU"
+    ),
+    "gru-wide-256": Variant(hidden=256, example=(5, 16), other=(9, 12), cell="GRU"),
 }
 BACKENDS = ("auto", "torch")
 # The dynamo ONNX exporter takes ~5 s a model here (it rebuilds its op registry and unrolls the
-# RNN decomposition each call): two variants that between them cover 1 and 2 layers, h0 given and
-# not, tanh and relu, bias and none, batch_first and bidirectional.
-DYNAMO_ONNX_VARIANTS = ("batch_first-bidir", "relu-nobias-h0")
+# RNN decomposition each call): two Elman variants that between them cover 1 and 2 layers, h0
+# given and not, tanh and relu, bias and none, batch_first and bidirectional, and one GRU.
+DYNAMO_ONNX_VARIANTS = ("batch_first-bidir", "relu-nobias-h0", "gru-batch_first-bidir-nobias-h0")
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning"),
@@ -64,9 +70,9 @@ pytestmark = [
 
 
 class Model(nn.Module):
-    """An RNN followed by a Linear head on its output; returns (head(output), h_n)."""
+    """An RNN or GRU followed by a Linear head on its output; returns (head(output), h_n)."""
 
-    def __init__(self, rnn: nn.RNN):
+    def __init__(self, rnn: nn.RNNBase):
         super().__init__()
         self.rnn = rnn
         self.head = nn.Linear(rnn.hidden_size * (2 if rnn.bidirectional else 1), 3)
@@ -87,13 +93,13 @@ def variant(request):
 
 
 def models(name, backend):
-    """A model holding torch.nn.RNN and one holding fastrnn.RNN, with the same weights."""
+    """A model holding torch.nn.RNN (GRU) and one holding fastrnn.RNN (GRU), with the same weights."""
     v = VARIANTS[name]
     torch.manual_seed(0)
-    ref = Model(nn.RNN(INPUT, v.hidden, **v.kwargs))
-    fast = Model(fastrnn.RNN(INPUT, v.hidden, **v.kwargs, backend=backend))
+    ref = Model(getattr(nn, v.cell)(INPUT, v.hidden, **v.kwargs))
+    fast = Model(getattr(fastrnn, v.cell)(INPUT, v.hidden, **v.kwargs, backend=backend))
     fast.load_state_dict(ref.state_dict())
-    assert type(fast.rnn) is fastrnn.RNN
+    assert type(fast.rnn) is getattr(fastrnn, v.cell)
     return ref, fast
 
 

@@ -1,13 +1,16 @@
-"""fastrnn.keras.SimpleRNN against keras.layers.SimpleRNN on the torch backend.
+"""fastrnn.keras.SimpleRNN and fastrnn.keras.GRU against keras.layers.SimpleRNN / GRU on the torch
+backend.
 
-Every case runs the same weights, inputs and upstream gradients through both layers and compares
-outputs, states and each gradient by name; it also asserts which path ran (fused op or Keras's
-step loop), so a silent fallback cannot pass for a fused result.
+Every case runs the same weights, inputs and upstream gradients through the stock and the fused
+layer and compares outputs, states and each gradient by name; it also asserts which path ran (the
+layer's fused op, or Keras's own loop), so a silent fallback cannot pass for a fused result. Keras's
+own tests of both layers run with the fused layers in their place too.
 """
 
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -27,19 +30,34 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 
 B, T, I, H = 4, 7, 5, 6
 ATOL, RTOL = 2e-5, 1e-4
+KINDS = ("SimpleRNN", "GRU")
+OP = {"SimpleRNN": "elman", "GRU": "gru"}  # the fused op each layer calls
+
+
+@pytest.fixture(autouse=True)
+def _keras_on_cpu():
+    """The fused kernels serve the CPU (on CUDA ``auto`` leaves Keras in charge): keep Keras's
+    tensors there even where it would pick a GPU."""
+    with keras.device("cpu"):
+        yield
+
+
+def _counting(calls, name):
+    op = getattr(functional, name)
+
+    def counting(*args, **kwargs):
+        calls.append((name, kwargs.get("lengths")))
+        return op(*args, **kwargs)
+
+    return counting
 
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts calls into the fused op."""
+    """``(op name, lengths)`` for each call into a fused op."""
     calls = []
-    elman = functional.elman
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("lengths"))
-        return elman(*args, **kwargs)
-
-    monkeypatch.setattr(functional, "elman", counting)
+    for name in OP.values():
+        monkeypatch.setattr(functional, name, _counting(calls, name))
     return calls
 
 
@@ -58,10 +76,10 @@ def _masks():
 MASKS = _masks()
 
 
-def _pair(dtype="float32", **kwargs):
-    """A stock and a fused layer with the same (random, nonzero-bias) weights."""
-    stock = keras.layers.SimpleRNN(H, dtype=dtype, **kwargs)
-    fused = fk.SimpleRNN(H, dtype=dtype, **kwargs)
+def _pair(kind, dtype="float32", stock_kwargs=(), **kwargs):
+    """A stock and a fused layer of ``kind`` with the same (random, nonzero-bias) weights."""
+    stock = getattr(keras.layers, kind)(H, dtype=dtype, **kwargs, **dict(stock_kwargs))
+    fused = getattr(fk, kind)(H, dtype=dtype, **kwargs)
     shape = (B, T, I)
     stock.build(shape)
     fused.build(shape)
@@ -106,97 +124,126 @@ def _assert_close(a, b, atol=ATOL, rtol=RTOL):
         )
 
 
-# (id, layer kwargs, mask, with initial state, training, expected path)
-CASES = [
+def _ops(kind, n=1):
+    """The fused calls ``n`` runs of a fused ``kind`` layer make."""
+    return [OP[kind]] * n
+
+
+SEQ, STATE, BACK = dict(return_sequences=True), dict(return_state=True), dict(go_backwards=True)
+SEQ_STATE = {**SEQ, **STATE}
+
+# (id, layer kwargs, mask, with initial state, training, expected path); both layers
+COMMON_CASES = [
     ("last", {}, "none", False, False, "fused"),
-    (
-        "seq-state-relu",
-        dict(return_sequences=True, return_state=True, activation="relu"),
-        "none",
-        False,
-        False,
-        "fused",
-    ),
-    ("no-bias", dict(return_sequences=True, use_bias=False), "none", False, False, "fused"),
-    ("backwards", dict(return_sequences=True, return_state=True, go_backwards=True), "none", False, False, "fused"),
-    ("initial-state", dict(return_sequences=True, return_state=True), "none", True, False, "fused"),
-    ("unroll", dict(return_sequences=True, unroll=True), "none", False, False, "fused"),
-    ("mask-seq", dict(return_sequences=True, return_state=True), "right", False, False, "fused"),
-    ("mask-last", dict(return_state=True), "right", True, False, "fused"),
-    (
-        "mask-backwards",
-        dict(return_sequences=True, return_state=True, go_backwards=True),
-        "right",
-        True,
-        False,
-        "fused",
-    ),
-    ("mask-backwards-last", dict(go_backwards=True, activation="relu"), "right", False, False, "fused"),
-    ("mask-zero-output", dict(return_sequences=True, zero_output_for_mask=True), "right", False, False, "fused"),
-    ("mask-zero-output-last", dict(zero_output_for_mask=True, return_state=True), "right", True, False, "fused"),
-    (
-        "mask-zero-output-backwards",
-        dict(return_sequences=True, zero_output_for_mask=True, go_backwards=True),
-        "right",
-        False,
-        False,
-        "fused",
-    ),
-    ("mask-unroll", dict(return_sequences=True, unroll=True), "right", False, False, "fused"),
-    ("mask-all-valid", dict(return_sequences=True, go_backwards=True), "all", False, False, "fused"),
-    ("dropout-train", dict(return_sequences=True, dropout=0.4, seed=3), "none", False, True, "fused"),
-    ("dropout-infer", dict(return_sequences=True, dropout=0.4, seed=3), "none", False, False, "fused"),
-    ("rec-dropout-infer", dict(return_sequences=True, recurrent_dropout=0.4, seed=3), "right", False, False, "fused"),
-    (
-        "rec-dropout-train",
-        dict(return_sequences=True, recurrent_dropout=0.4, dropout=0.2, seed=3),
-        "none",
-        False,
-        True,
-        "fallback",
-    ),
-    ("sigmoid", dict(return_sequences=True, activation="sigmoid"), "none", False, False, "fallback"),
-    ("linear", dict(return_sequences=True, activation=None), "none", False, False, "fallback"),
-    ("mask-hole", dict(return_sequences=True, return_state=True), "hole", False, False, "fallback"),
-    ("mask-left-backwards", dict(return_sequences=True, go_backwards=True), "left", False, False, "fallback"),
+    ("seq-state", SEQ_STATE, "none", False, False, "fused"),
+    ("no-bias", dict(SEQ, use_bias=False), "none", False, False, "fused"),
+    ("no-bias-mask", dict(SEQ_STATE, use_bias=False), "right", True, False, "fused"),
+    ("backwards", {**SEQ_STATE, **BACK}, "none", False, False, "fused"),
+    ("initial-state", SEQ_STATE, "none", True, False, "fused"),
+    ("unroll", dict(SEQ, unroll=True), "none", False, False, "fused"),
+    ("mask-seq", SEQ_STATE, "right", False, False, "fused"),
+    ("mask-last", STATE, "right", True, False, "fused"),
+    ("mask-backwards", {**SEQ_STATE, **BACK}, "right", True, False, "fused"),
+    ("mask-backwards-last", BACK, "right", False, False, "fused"),
+    ("mask-zero-output", dict(SEQ, zero_output_for_mask=True), "right", False, False, "fused"),
+    ("mask-zero-output-last", dict(STATE, zero_output_for_mask=True), "right", True, False, "fused"),
+    ("mask-zero-output-backwards", {**SEQ, **BACK, "zero_output_for_mask": True}, "right", False, False, "fused"),
+    ("mask-unroll", dict(SEQ, unroll=True), "right", False, False, "fused"),
+    ("mask-all-valid", {**SEQ, **BACK}, "all", False, False, "fused"),
+    ("dropout-train", dict(SEQ, dropout=0.4, seed=3), "none", False, True, "fused"),
+    ("dropout-train-mask", dict(SEQ_STATE, dropout=0.4, seed=3), "right", True, True, "fused"),
+    ("dropout-infer", dict(SEQ, dropout=0.4, seed=3), "none", False, False, "fused"),
+    ("rec-dropout-infer", dict(SEQ, recurrent_dropout=0.4, seed=3), "right", False, False, "fused"),
+    ("rec-dropout-train", dict(SEQ, recurrent_dropout=0.4, dropout=0.2, seed=3), "none", False, True, "fallback"),
+    ("mask-hole", SEQ_STATE, "hole", False, False, "fallback"),
+    ("mask-left-backwards", {**SEQ, **BACK}, "left", False, False, "fallback"),
+]
+SIMPLE_RNN_CASES = [
+    ("relu", dict(SEQ_STATE, activation="relu"), "none", False, False, "fused"),
+    ("relu-mask-backwards", dict(BACK, activation="relu"), "right", False, False, "fused"),
+    ("ops-tanh", dict(SEQ, activation=keras.ops.tanh), "right", False, False, "fused"),
+    ("sigmoid", dict(SEQ, activation="sigmoid"), "none", False, False, "fallback"),
+    ("linear", dict(SEQ, activation=None), "none", False, False, "fallback"),
+]
+OPS_ACTIVATIONS = dict(activation=keras.ops.tanh, recurrent_activation=torch.sigmoid)  # what cudnn_ok takes too
+LEGACY_DROPOUT = dict(dropout=0.4, seed=3, implementation=1, use_cudnn=False)
+GRU_CASES = [
+    ("ops-activations", {**SEQ, **OPS_ACTIVATIONS}, "none", False, False, "fused"),
+    ("implementation-1", dict(SEQ, implementation=1), "right", False, False, "fused"),
+    ("use-cudnn-false", dict(SEQ_STATE, use_cudnn=False), "right", True, False, "fused"),
+    ("use-cudnn-true", dict(SEQ_STATE, use_cudnn=True), "none", True, False, "fused"),
+    ("reset-before", dict(SEQ_STATE, reset_after=False), "none", False, False, "fallback"),
+    ("reset-before-mask", {**SEQ_STATE, **BACK, "reset_after": False}, "right", True, False, "fallback"),
+    ("reset-before-no-bias", dict(SEQ, reset_after=False, use_bias=False), "none", False, False, "fallback"),
+    ("relu", dict(SEQ, activation="relu"), "none", False, False, "fallback"),
+    ("hard-sigmoid", dict(SEQ, recurrent_activation="hard_sigmoid"), "right", False, False, "fallback"),
+    # Keras's two paths treat dropout=1 differently (all inputs dropped unmasked, none masked)
+    ("dropout-1-train", dict(SEQ, dropout=1.0, seed=3), "none", False, True, "fallback"),
+    ("dropout-1-train-mask", dict(SEQ, dropout=1.0, seed=3), "right", False, True, "fallback"),
+    # one input dropout mask per gate (the stock layer needs use_cudnn=False to run it at all)
+    ("implementation-1-dropout-train", {**SEQ, **LEGACY_DROPOUT}, "right", False, True, "fallback"),
+]
+CASES = [
+    (kind, *case)
+    for kind, cases in (("SimpleRNN", COMMON_CASES + SIMPLE_RNN_CASES), ("GRU", COMMON_CASES + GRU_CASES))
+    for case in cases
 ]
 
 
-@pytest.mark.parametrize("kwargs,mask,with_h0,training,path", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_parity_with_stock_layer(fused_calls, kwargs, mask, with_h0, training, path):
-    stock, fused = _pair(**kwargs)
+@pytest.mark.parametrize(
+    "kind,kwargs,mask,with_h0,training,path", [(c[0], *c[2:]) for c in CASES], ids=[f"{c[0]}-{c[1]}" for c in CASES]
+)
+def test_parity_with_stock_layer(fused_calls, kind, kwargs, mask, with_h0, training, path):
+    stock, fused = _pair(kind, **kwargs)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((B, T, I))
     h0 = rng.standard_normal((B, H)) if with_h0 else None
     expected = _run(stock, x, MASKS[mask], h0, training)
     assert not fused_calls
     got = _run(fused, x, MASKS[mask], h0, training)
-    assert len(fused_calls) == (1 if path == "fused" else 0)
+    assert [op for op, _ in fused_calls] == (_ops(kind) if path == "fused" else [])
     if path == "fused" and mask == "right":
-        assert fused_calls[0].tolist() == MASKS["right"].sum(1).tolist()
+        assert fused_calls[0][1].tolist() == MASKS["right"].sum(1).tolist()
     if path == "fallback":
         _assert_close(expected, got, atol=0, rtol=0)  # literally Keras's loop
     else:
         _assert_close(expected, got)
 
 
+@pytest.mark.parametrize("kwargs", [dict(use_cudnn=True), dict(use_cudnn=True, recurrent_dropout=0.2)])
+def test_gru_use_cudnn_true_raises_where_keras_does(fused_calls, kwargs):
+    # Keras's GRU refuses use_cudnn=True where its own fast path does not apply; so does ours,
+    # even where the fused op could have run.
+    x = np.random.default_rng(9).standard_normal((B, T, I))
+    for layer in _pair("GRU", **kwargs):
+        with pytest.raises(ValueError, match="use_cudnn"):
+            _run(layer, x, MASKS["right"])
+    assert not fused_calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype,path", [("float64", "fused"), ("float16", "fallback")])
-def test_dtypes(fused_calls, dtype, path):
+def test_dtypes(fused_calls, kind, dtype, path):
     # glorot: torch has no half-precision QR on the CPU for the default orthogonal initializer
-    stock, fused = _pair(dtype=dtype, return_sequences=True, return_state=True, recurrent_initializer="glorot_uniform")
+    stock, fused = _pair(kind, dtype=dtype, **SEQ_STATE, recurrent_initializer="glorot_uniform")
     x = np.random.default_rng(3).standard_normal((B, T, I))
     tdtype = getattr(torch, dtype)
-    expected = _run(stock, x, MASKS["right"], dtype=tdtype)
-    got = _run(fused, x, MASKS["right"], dtype=tdtype)
-    assert len(fused_calls) == (1 if path == "fused" else 0)
-    # Keras's torch ops.matmul rounds float64 products to float32 (JAX-style promotion), so the
-    # stock float64 layer is only float32-accurate; the fused one computes in float64 throughout.
-    tol = 1e-6 if dtype == "float64" else 0
-    _assert_close(expected, got, atol=tol, rtol=tol)
+    for mask in ("right", "none"):
+        expected = _run(stock, x, MASKS[mask], dtype=tdtype)
+        got = _run(fused, x, MASKS[mask], dtype=tdtype)
+        # Keras's torch ops.matmul rounds float64 products to float32 (JAX-style promotion), so the
+        # stock float64 layer is only float32-accurate; the fused one computes in float64 throughout.
+        tol = 1e-6 if dtype == "float64" else 0
+        _assert_close(expected, got, atol=tol, rtol=tol)
+    assert [op for op, _ in fused_calls] == (_ops(kind, 2) if path == "fused" else [])
 
 
-def test_stateful_carries_state_and_trains(fused_calls):
-    stock, fused = _pair(return_sequences=True, stateful=True)
+@pytest.mark.parametrize("kind", KINDS)
+def test_stateful_carries_state_and_trains(fused_calls, kind):
+    # Stock Keras 3.15's stateful GRU cannot backward on the torch backend where it takes
+    # backend.gru (its state variable is assigned in place under the graph); its loop can.
+    stock_kwargs = {"use_cudnn": False} if kind == "GRU" else {}
+    stock, fused = _pair(kind, **SEQ, stateful=True, stock_kwargs=stock_kwargs)
     rng = np.random.default_rng(4)
     for step in range(3):
         x = rng.standard_normal((B, T, I))
@@ -204,42 +251,44 @@ def test_stateful_carries_state_and_trains(fused_calls):
         # backward after RNN.call has assigned the new state in place into the variable
         _assert_close(_run(stock, x, mask), _run(fused, x, mask))
         torch.testing.assert_close(fused.states[0].value, stock.states[0].value, atol=ATOL, rtol=RTOL)
-    assert len(fused_calls) == 3
+    assert [op for op, _ in fused_calls] == _ops(kind, 3)
     stock.reset_state()
     fused.reset_state()
     assert not fused.states[0].value.any()
 
 
-def test_bidirectional_with_mask(fused_calls):
-    kw = dict(return_sequences=True)
-    stock = keras.layers.Bidirectional(keras.layers.SimpleRNN(H, **kw))
-    fused = keras.layers.Bidirectional(fk.SimpleRNN(H, **kw))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mask", ["right", "none"])
+def test_bidirectional(fused_calls, kind, mask):
+    stock = keras.layers.Bidirectional(getattr(keras.layers, kind)(H, **SEQ))
+    fused = keras.layers.Bidirectional(getattr(fk, kind)(H, **SEQ))
     stock.build((B, T, I))
     fused.build((B, T, I))
-    assert isinstance(fused.backward_layer, fk.SimpleRNN) and fused.backward_layer.go_backwards
+    assert isinstance(fused.backward_layer, getattr(fk, kind)) and fused.backward_layer.go_backwards
     rng = np.random.default_rng(5)
     weights = [0.5 * rng.standard_normal(w.shape) for w in stock.get_weights()]
     stock.set_weights(weights)
     fused.set_weights(weights)
     x = rng.standard_normal((B, T, I))
-    _assert_close(_run(stock, x, MASKS["right"]), _run(fused, x, MASKS["right"]))
-    assert len(fused_calls) == 2
+    _assert_close(_run(stock, x, MASKS[mask]), _run(fused, x, MASKS[mask]))
+    assert [op for op, _ in fused_calls] == _ops(kind, 2)
 
 
-def _seed_model(rnn=keras.layers.SimpleRNN):
+def _seed_model(rnn):
     """The seed's Keras model (Input (10, 20) -> 64 -> 32 -> Dense 16 -> Dense 5), from examples/."""
     return example("seed_keras").create_rnn_model((10, 20), 5, rnn)
 
 
-def _masked_model(rnn=keras.layers.SimpleRNN):
+def _masked_model(rnn):
     tokens = keras.Input((9,), dtype="int32")
     h = keras.layers.Embedding(20, 8, mask_zero=True)(tokens)
     h = keras.layers.Bidirectional(rnn(6, return_sequences=True, dropout=0.2, seed=11))(h)
-    h = rnn(5, go_backwards=True, activation="relu")(h)
+    last = {"activation": "relu"} if issubclass(rnn, keras.layers.SimpleRNN) else {"use_bias": False}
+    h = rnn(5, go_backwards=True, **last)(h)
     return keras.Model(tokens, keras.layers.Dense(3, activation="softmax")(h))
 
 
-def _nested_model(rnn=keras.layers.SimpleRNN):
+def _nested_model(rnn):
     inner = keras.Sequential(
         [
             keras.Input((10, 20)),
@@ -271,43 +320,74 @@ def _data(model_fn, rng):
     return x, y
 
 
-@pytest.mark.parametrize("model_fn", [_seed_model, _masked_model, _nested_model], ids=["seed", "masked", "nested"])
-def test_convert_then_train_matches_stock(fused_calls, model_fn):
+def _rnns(model, kind):
+    return [layer for layer in model._flatten_layers() if isinstance(layer, getattr(keras.layers, kind))]
+
+
+CONVERT_CASES = {
+    "seed-SimpleRNN": (_seed_model, "SimpleRNN"),
+    "masked-SimpleRNN": (_masked_model, "SimpleRNN"),
+    "nested-SimpleRNN": (_nested_model, "SimpleRNN"),
+    "masked-GRU": (_masked_model, "GRU"),  # Sequential is covered by the nested model's inner one
+    "nested-GRU": (_nested_model, "GRU"),
+}
+
+
+@pytest.mark.parametrize("model_fn,kind", CONVERT_CASES.values(), ids=CONVERT_CASES.keys())
+def test_convert_then_train_matches_stock(fused_calls, model_fn, kind):
     rng = np.random.default_rng(6)
     x, y = _data(model_fn, rng)
-    stock = model_fn()
+    stock = model_fn(getattr(keras.layers, kind))
     fused = fk.convert(stock)
-    rnns = [l for l in fused._flatten_layers() if isinstance(l, keras.layers.SimpleRNN)]
-    assert rnns and all(type(l) is fk.SimpleRNN for l in rnns)
-    assert not any(isinstance(l, fk.SimpleRNN) for l in stock._flatten_layers())
+    rnns = _rnns(fused, kind)
+    assert rnns and all(type(layer) is getattr(fk, kind) for layer in rnns)
+    assert not any(isinstance(layer, (fk.SimpleRNN, fk.GRU)) for layer in stock._flatten_layers())
     np.testing.assert_allclose(fused.predict(x, verbose=0), stock.predict(x, verbose=0), atol=1e-5)
     fused_calls.clear()
     expected = _train(stock, x, y)
     assert not fused_calls
     got = _train(fused, x, y)
-    assert len(fused_calls) == 3 * len(rnns)
-    assert all(l is not None for l in fused_calls) == (model_fn is _masked_model)
+    assert [op for op, _ in fused_calls] == _ops(kind, 3 * len(rnns))
+    assert all(lengths is not None for _, lengths in fused_calls) == (model_fn is _masked_model)
     for e, g in zip(expected, got):
         np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-3)
 
 
-def test_save_load_and_weight_files(tmp_path):
+def test_convert_swaps_both_kinds_and_keeps_gru_seeds(fused_calls):
+    x = keras.Input((10, 20))
+    h = keras.layers.GRU(6, return_sequences=True, dropout=0.3, seed=7)(x)
+    h = keras.layers.SimpleRNN(5, return_sequences=True)(h)
+    h = keras.layers.GRU(4, reset_after=False)(h)  # converted, runs Keras's loop
+    stock = keras.Model(x, h)
+    fused = fk.convert(stock)
+    assert [type(layer) for layer in fused.layers[1:]] == [fk.GRU, fk.SimpleRNN, fk.GRU]
+    assert fused.layers[1].cell.seed == 7 and fused.layers[3].get_config() == stock.layers[3].get_config()
+    data = np.random.default_rng(10).standard_normal((B, 10, 20)).astype("float32")
+    keras.utils.set_random_seed(0)
+    expected = stock(data, training=True)
+    got = fused(data, training=True)
+    assert [op for op, _ in fused_calls] == ["gru", "elman"]
+    np.testing.assert_allclose(got.detach().numpy(), expected.detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_and_weight_files(tmp_path, kind):
     rng = np.random.default_rng(7)
     x, _ = _data(_masked_model, rng)
-    model = _masked_model(fk.SimpleRNN)
+    model = _masked_model(getattr(fk, kind))
     expected = model.predict(x, verbose=0)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
-    rnns = [l for l in loaded._flatten_layers() if isinstance(l, keras.layers.SimpleRNN)]
-    assert len(rnns) == 3 and all(type(l) is fk.SimpleRNN for l in rnns)
+    rnns = _rnns(loaded, kind)
+    assert len(rnns) == 3 and all(type(layer) is getattr(fk, kind) for layer in rnns)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, atol=1e-6)
     # weight files load either way between stock and fused models
     model.save_weights(tmp_path / "fused.weights.h5")
-    stock = _masked_model()
+    stock = _masked_model(getattr(keras.layers, kind))
     stock.load_weights(tmp_path / "fused.weights.h5")
     np.testing.assert_allclose(stock.predict(x, verbose=0), expected, atol=1e-5)
     stock.save_weights(tmp_path / "stock.weights.h5")
-    again = _masked_model(fk.SimpleRNN)
+    again = _masked_model(getattr(fk, kind))
     again.load_weights(tmp_path / "stock.weights.h5")
     np.testing.assert_allclose(again.predict(x, verbose=0), expected, atol=1e-6)
 
@@ -321,8 +401,9 @@ def test_convert_rejects_subclassed_models():
         fk.convert(Sub())
 
 
-def test_other_backends_run_the_stock_loop(fused_calls, monkeypatch):
-    stock, fused = _pair(return_sequences=True, return_state=True)
+@pytest.mark.parametrize("kind", KINDS)
+def test_other_backends_run_the_stock_loop(fused_calls, monkeypatch, kind):
+    stock, fused = _pair(kind, **SEQ_STATE)
     x = np.random.default_rng(8).standard_normal((B, T, I))
     expected = _run(stock, x, MASKS["right"])
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
@@ -335,13 +416,14 @@ _OTHER_BACKEND = """
 import numpy as np, keras, fastrnn.keras as fk
 x = np.random.default_rng(0).standard_normal((3, 5, 4)).astype("float32")
 mask = np.array([[1] * 5, [1, 1, 0, 0, 0], [0] * 5], bool)
-for kw in (dict(return_sequences=True, return_state=True), dict(go_backwards=True)):
-    a, b = keras.layers.SimpleRNN(6, **kw), fk.SimpleRNN(6, **kw)
-    a.build(x.shape); b.build(x.shape); b.set_weights(a.get_weights())
-    for m in (None, mask):
-        ya, yb = a(x, mask=m), b(x, mask=m)
-        ya, yb = (ya, yb) if isinstance(ya, (list, tuple)) else ([ya], [yb])
-        assert all(np.array_equal(np.asarray(p), np.asarray(q)) for p, q in zip(ya, yb))
+for kind in ("SimpleRNN", "GRU"):
+    for kw in (dict(return_sequences=True, return_state=True), dict(go_backwards=True)):
+        a, b = getattr(keras.layers, kind)(6, **kw), getattr(fk, kind)(6, **kw)
+        a.build(x.shape); b.build(x.shape); b.set_weights(a.get_weights())
+        for m in (None, mask):
+            ya, yb = a(x, mask=m), b(x, mask=m)
+            ya, yb = (ya, yb) if isinstance(ya, (list, tuple)) else ([ya], [yb])
+            assert all(np.array_equal(np.asarray(p), np.asarray(q)) for p, q in zip(ya, yb))
 print("ok")
 """
 
@@ -358,3 +440,49 @@ def test_importing_fastrnn_does_not_import_keras():
     code = "import sys, fastrnn; assert 'keras' not in sys.modules; print('ok')"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+# Keras's own tests of the stock layers (shipped in the keras package), with `layers.<kind>` there
+# patched to fastrnn's layer. Each test must reach the fused op, except those listed as running
+# Keras's loop throughout: masks with holes, and the checks of Keras's own cuDNN / TensorFlow paths.
+_KERAS_SUITES = {
+    "SimpleRNN": ("simple_rnn_test", "SimpleRNNTest", {"test_masking"}),
+    "GRU": (
+        "gru_test",
+        "GRUTest",
+        {"test_masking", "test_torch_cudnn_dispatch_fires", "test_stateful_with_symbolic_batch_size"},
+    ),
+}
+
+
+def _keras_suite(kind):
+    module, case, stock_only = _KERAS_SUITES[kind]
+    try:
+        base = getattr(__import__(f"keras.src.layers.rnn.{module}", fromlist=[case]), case)
+    except ImportError:  # a keras build without its tests, or without absl
+        return None
+
+    class Suite(base):
+        def setUp(self):
+            super().setUp()  # clears Keras's global state, the device scope included
+            self._fused_calls = []
+            for context in (
+                mock.patch.object(keras.src.layers, kind, getattr(fk, kind)),
+                mock.patch.object(functional, OP[kind], _counting(self._fused_calls, OP[kind])),
+                keras.device("cpu"),
+            ):
+                context.__enter__()
+                self.addCleanup(context.__exit__, None, None, None)
+
+        def tearDown(self):
+            fused = bool(self._fused_calls)
+            test = self._testMethodName.rstrip("0123456789")  # parameterized tests end in a number
+            super().tearDown()
+            assert fused == (test not in stock_only), f"{test}: fused op {'ran' if fused else 'never ran'}"
+
+    Suite.__name__ = Suite.__qualname__ = f"TestKeras{case}WithFastrnn"
+    return Suite
+
+
+TestKerasSimpleRNNTestWithFastrnn = _keras_suite("SimpleRNN")
+TestKerasGRUTestWithFastrnn = _keras_suite("GRU")

@@ -1,4 +1,6 @@
-"""Keras 3 front end: ``fastrnn.keras.SimpleRNN`` runs the fused Elman kernels on the torch backend.
+"""Keras 3 front end: ``fastrnn.keras.SimpleRNN`` and ``fastrnn.keras.GRU`` run the fused Elman and
+GRU kernels on the torch backend, as drop-ins for ``keras.layers.SimpleRNN`` / ``keras.layers.GRU``;
+``fastrnn.keras.convert`` swaps them into an existing Sequential or Functional model.
 
 Install with ``pip install "fastrnn[keras]"`` and set ``KERAS_BACKEND=torch``. Importing ``fastrnn``
 alone never imports Keras; importing this module does.
@@ -15,6 +17,6 @@ if int(keras.version().split(".")[0]) != 3:  # pragma: no cover
     )
 
 from fastrnn.keras.convert import convert
-from fastrnn.keras.layers import SimpleRNN
+from fastrnn.keras.layers import GRU, SimpleRNN
 
-__all__ = ["SimpleRNN", "convert"]
+__all__ = ["GRU", "SimpleRNN", "convert"]

@@ -1,21 +1,29 @@
 import keras
 
-from fastrnn.keras.layers import SimpleRNN
+from fastrnn.keras.layers import GRU, SimpleRNN
+
+# Stock class name -> (stock class, fastrnn class).
+_SWAPS = {
+    "SimpleRNN": (keras.layers.SimpleRNN, SimpleRNN),
+    "GRU": (keras.layers.GRU, GRU),
+}
 
 
 def convert(model):
-    """Copy of a Sequential or Functional ``model`` with every stock ``keras.layers.SimpleRNN``
-    replaced by ``fastrnn.keras.SimpleRNN``, weights (and dropout seed states) kept.
+    """Copy of a Sequential or Functional ``model`` with every stock ``keras.layers.SimpleRNN`` and
+    ``keras.layers.GRU`` replaced by ``fastrnn.keras.SimpleRNN`` / ``fastrnn.keras.GRU``, weights
+    (and dropout seed states) kept.
 
     Layers inside wrappers (``Bidirectional``, ``TimeDistributed``, ...) and nested models are
-    converted too; subclasses of the stock layer are left alone. The copy is built but not
+    converted too; subclasses of the stock layers are left alone. The copy is built but not
     compiled: call ``compile`` on it. Subclassed models cannot be cloned by Keras; build those with
-    ``fastrnn.keras.SimpleRNN`` directly.
+    the fastrnn layers directly. As with Keras's own ``clone_model``, a GRU's ``use_cudnn`` (which
+    its config does not keep) is back to ``"auto"`` in the copy.
     """
     if not _is_graph_model(model):
         raise TypeError(
             "fastrnn.keras.convert takes a Sequential or Functional keras model; got "
-            f"{type(model).__name__}. Use fastrnn.keras.SimpleRNN in subclassed models directly."
+            f"{type(model).__name__}. Use fastrnn.keras.SimpleRNN / GRU in subclassed models directly."
         )
     # Nested models reach _clone_layer whole and are rebuilt from their rewritten config, at any
     # depth (clone_model's own `recursive` is newer than Keras 3.3 and was one level deep for a while).
@@ -38,32 +46,32 @@ def _is_graph_model(model):
 
 
 def _clone_layer(layer):
-    # The stock config drops the dropout seed; without it the copy would draw its masks from
-    # torch's global RNG instead of the layer's seed generator.
+    # The stock SimpleRNN config drops the dropout seed; without it the copy would draw its masks
+    # from torch's global RNG instead of the layer's seed generator. (GRU's config keeps it.)
     subs = layer._flatten_layers(include_self=True) if isinstance(layer, keras.layers.Layer) else []
-    seeds = {sub.name: sub.cell.seed for sub in subs if type(sub) is keras.layers.SimpleRNN}
+    stock = tuple(cls for cls, _ in _SWAPS.values())
+    seeds = {sub.name: sub.cell.seed for sub in subs if type(sub) in stock}
     if not seeds:
         return layer.__class__.from_config(layer.get_config())  # clone_model's default
-    config = _swap_simple_rnn(keras.saving.serialize_keras_object(layer), seeds)
+    config = _swap_layers(keras.saving.serialize_keras_object(layer), seeds)
     return keras.saving.deserialize_keras_object(config)
 
 
-def _swap_simple_rnn(config, seeds):
-    """``config`` with each stock SimpleRNN entry pointing at ours (and given its seed back)."""
+def _swap_layers(config, seeds):
+    """``config`` with each stock SimpleRNN / GRU entry pointing at ours (and given its seed)."""
     if isinstance(config, list):
-        return [_swap_simple_rnn(c, seeds) for c in config]
+        return [_swap_layers(c, seeds) for c in config]
     if not isinstance(config, dict):
         return config
-    if (
-        config.get("module") == "keras.layers"
-        and config.get("class_name") == "SimpleRNN"
-        and not config.get("registered_name")
-    ):
+    swap = _SWAPS.get(config.get("class_name"))
+    if swap is not None and config.get("module") == "keras.layers" and not config.get("registered_name"):
+        fused = swap[1]
         name = config["config"].get("name")
+        seed = seeds.get(name, config["config"].get("seed"))
         return {
             **config,
-            "module": SimpleRNN.__module__,
-            "registered_name": keras.saving.get_registered_name(SimpleRNN),
-            "config": {**config["config"], "seed": seeds.get(name)},
+            "module": fused.__module__,
+            "registered_name": keras.saving.get_registered_name(fused),
+            "config": {**config["config"], "seed": seed},
         }
-    return {k: _swap_simple_rnn(v, seeds) for k, v in config.items()}
+    return {k: _swap_layers(v, seeds) for k, v in config.items()}

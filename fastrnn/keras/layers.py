@@ -5,23 +5,19 @@ from keras import activations
 from fastrnn import backends, functional
 
 
-@keras.saving.register_keras_serializable(package="fastrnn")
-class SimpleRNN(keras.layers.SimpleRNN):
-    """Drop-in ``keras.layers.SimpleRNN`` that runs fastrnn's fused kernels on the torch backend.
+def _is_activation(fn, name):
+    """Whether ``fn`` is Keras's, ``keras.ops``' or torch's ``name``: the functions Keras's own
+    ``cudnn_ok`` takes for that activation, all computing the same thing on the torch backend."""
+    return any(fn is getattr(module, name, None) for module in (activations, keras.ops, torch))
 
-    Same constructor, weights (``kernel`` (I, H), ``recurrent_kernel`` (H, H), ``bias`` (H,)),
-    config and results as the stock layer; only ``inner_loop`` changes. The fused op sees
-    ``W_ih = kernel.T``, ``W_hh = recurrent_kernel.T``, ``b_ih = bias``, ``b_hh = 0``.
 
-    Runs fused on the torch backend for activation ``"tanh"`` or ``"relu"``, with or without bias,
-    any of ``return_sequences`` / ``return_state`` / ``go_backwards`` / ``stateful`` /
-    ``initial_state``, input ``dropout`` (Keras's own per-sequence mask), no mask or a right-padded
-    mask (e.g. ``Embedding(mask_zero=True)``). ``unroll`` is ignored on the fused path. Other masks,
-    ``recurrent_dropout`` while training, other activations, and dtypes/devices the kernels do not
-    cover run Keras's step loop, as do the jax/tensorflow/numpy backends.
+class _FusedRNN:
+    """The fused path SimpleRNN and GRU share, mixed in ahead of the stock layer class.
 
-    float64 runs in float64 throughout, whereas Keras's torch ``ops.matmul`` rounds float64
-    products to float32, so float64 results agree with the stock layer to float32 precision.
+    ``inner_loop`` runs the fused op where :meth:`_fused_plan` finds it reproduces the stock
+    loop exactly, and the stock layer's own ``inner_loop`` everywhere else. A layer supplies
+    :meth:`_cell_plan` (its cell's conditions) and :meth:`_run_op` (its weights in the op's
+    layout, and the op call); the masks, directions, dropout and states are handled here.
     """
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
@@ -33,17 +29,24 @@ class SimpleRNN(keras.layers.SimpleRNN):
                 return self._fused_loop(sequences, initial_state, training, *plan)
         return super().inner_loop(sequences, initial_state, mask=mask, training=training)
 
+    def _cell_plan(self, mask, training):
+        """Keyword arguments for :meth:`_run_op` if the cell's settings have a fused equivalent,
+        else None."""
+        raise NotImplementedError
+
+    def _run_op(self, x, h0, lengths, **kwargs):
+        """``(output (B, T, H), h_n (1, B, H))`` of the fused op on batch-first ``x`` from ``h0``
+        (1, B, H)."""
+        raise NotImplementedError
+
     def _fused_plan(self, sequences, initial_state, mask, training):
-        """``(nonlinearity, lengths)`` when the fused op reproduces Keras's loop exactly, else None.
+        """``(op kwargs, lengths)`` when the fused op reproduces Keras's loop exactly, else None.
 
         ``lengths`` is an int64 CPU tensor (B,) or None (every step valid).
         """
         cell = self.cell
-        if cell.activation is activations.tanh:
-            nonlinearity = "tanh"
-        elif cell.activation is activations.relu:
-            nonlinearity = "relu"
-        else:
+        op_kwargs = self._cell_plan(mask, training)
+        if op_kwargs is None:
             return None
         if training and cell.recurrent_dropout > 0:
             return None  # per-sequence mask on h_{t-1} inside the step; no fused equivalent
@@ -52,20 +55,21 @@ class SimpleRNN(keras.layers.SimpleRNN):
         if sequences.shape[1] == 0 or len(initial_state) != 1:
             return None
         # Devices and dtypes no fused kernel covers (including the meta device that
-        # compute_output_spec traces on) keep Keras's loop rather than fastrnn's torch reference.
+        # compute_output_spec traces on, and CUDA, where ``auto`` leaves torch/cuDNN in charge)
+        # keep Keras's loop rather than fastrnn's torch reference.
         if backends.resolve(None, sequences.device, sequences.dtype) == "torch":
             return None
         kernel = keras.ops.convert_to_tensor(cell.kernel)
         if kernel.dtype != sequences.dtype or initial_state[0].dtype != sequences.dtype:
             return None
         if mask is None:
-            return nonlinearity, None
+            return op_kwargs, None
         lengths = _right_padded_lengths(mask, sequences.shape[0], sequences.shape[1])
         if lengths is False:
             return None
-        return nonlinearity, lengths
+        return op_kwargs, lengths
 
-    def _fused_loop(self, sequences, initial_state, training, nonlinearity, lengths):
+    def _fused_loop(self, sequences, initial_state, training, op_kwargs, lengths):
         cell = self.cell
         x = sequences  # (B, T, I)
         steps = x.shape[1]
@@ -79,10 +83,6 @@ class SimpleRNN(keras.layers.SimpleRNN):
             # must not have saved that storage for backward.
             h0 = h0.clone()
 
-        kernel = keras.ops.convert_to_tensor(cell.kernel)
-        recurrent_kernel = keras.ops.convert_to_tensor(cell.recurrent_kernel)
-        bias = keras.ops.convert_to_tensor(cell.bias).unsqueeze(0) if cell.use_bias else None
-
         if lengths is not None and self.go_backwards:
             # Keras flips the whole padded time axis, so each sequence becomes left-padded and its
             # valid steps run in reverse after (T - L) masked steps that keep h0 and output zeros.
@@ -94,16 +94,7 @@ class SimpleRNN(keras.layers.SimpleRNN):
         elif self.go_backwards:
             x = torch.flip(x, (1,))
 
-        out, h_n = functional.elman(
-            x,
-            h0.unsqueeze(0),
-            kernel.T.unsqueeze(0),
-            recurrent_kernel.T.unsqueeze(0),
-            bias,
-            lengths=lengths,
-            nonlinearity=nonlinearity,
-            batch_first=True,
-        )
+        out, h_n = self._run_op(x, h0.unsqueeze(0), lengths, **op_kwargs)
         h = h_n[0]  # (B, H)
 
         if lengths is not None:
@@ -124,6 +115,111 @@ class SimpleRNN(keras.layers.SimpleRNN):
         if not self.return_sequences:
             out = last.unsqueeze(1)
         return last, out, [h]
+
+
+@keras.saving.register_keras_serializable(package="fastrnn")
+class SimpleRNN(_FusedRNN, keras.layers.SimpleRNN):
+    """Drop-in ``keras.layers.SimpleRNN`` that runs fastrnn's fused kernels on the torch backend.
+
+    Same constructor, weights (``kernel`` (I, H), ``recurrent_kernel`` (H, H), ``bias`` (H,)),
+    config and results as the stock layer; only ``inner_loop`` changes. The fused op
+    (:func:`fastrnn.functional.elman`) sees ``W_ih = kernel.T``, ``W_hh = recurrent_kernel.T``,
+    ``b_ih = bias``, ``b_hh = 0``.
+
+    Runs fused on the torch backend for activation ``"tanh"`` or ``"relu"``, with or without bias,
+    any of ``return_sequences`` / ``return_state`` / ``go_backwards`` / ``stateful`` /
+    ``initial_state``, input ``dropout`` (Keras's own per-sequence mask), no mask or a right-padded
+    mask (e.g. ``Embedding(mask_zero=True)``). ``unroll`` is ignored on the fused path. Other masks,
+    ``recurrent_dropout`` while training, other activations, and dtypes/devices the kernels do not
+    cover (CUDA included, unless a fastrnn backend is named) run Keras's step loop, as do the
+    jax/tensorflow/numpy backends.
+
+    float64 runs in float64 throughout, whereas Keras's torch ``ops.matmul`` rounds float64
+    products to float32, so float64 results agree with the stock layer to float32 precision.
+    """
+
+    def _cell_plan(self, mask, training):
+        for nonlinearity in ("tanh", "relu"):
+            if _is_activation(self.cell.activation, nonlinearity):
+                return {"nonlinearity": nonlinearity}
+        return None
+
+    def _run_op(self, x, h0, lengths, nonlinearity):
+        cell = self.cell
+        kernel = keras.ops.convert_to_tensor(cell.kernel)
+        recurrent_kernel = keras.ops.convert_to_tensor(cell.recurrent_kernel)
+        bias = keras.ops.convert_to_tensor(cell.bias).unsqueeze(0) if cell.use_bias else None
+        return functional.elman(
+            x,
+            h0,
+            kernel.T.unsqueeze(0),
+            recurrent_kernel.T.unsqueeze(0),
+            bias,
+            lengths=lengths,
+            nonlinearity=nonlinearity,
+            batch_first=True,
+        )
+
+
+@keras.saving.register_keras_serializable(package="fastrnn")
+class GRU(_FusedRNN, keras.layers.GRU):
+    """Drop-in ``keras.layers.GRU`` that runs fastrnn's fused kernels on the torch backend.
+
+    Same constructor, weights (``kernel`` (I, 3H), ``recurrent_kernel`` (H, 3H), ``bias``
+    (2, 3H): input bias row 0, recurrent bias row 1; gate blocks z, r, h), config and results as
+    the stock layer; only ``inner_loop`` changes. With ``reset_after=True`` (Keras's default)
+    Keras's GRU is torch's, so the fused op (:func:`fastrnn.functional.gru`) sees the same
+    weights transposed, with the gate blocks reordered to torch's r, z, n: ``W_ih = kernel.T``,
+    ``W_hh = recurrent_kernel.T``, ``b_ih = bias[0]``, ``b_hh = bias[1]``.
+
+    Runs fused on the torch backend for activation ``"tanh"`` and recurrent activation
+    ``"sigmoid"`` with ``reset_after=True``, with or without bias, any of ``return_sequences`` /
+    ``return_state`` / ``go_backwards`` / ``stateful`` / ``initial_state``, input ``dropout``
+    (Keras's own per-sequence mask), no mask or a right-padded mask. ``unroll`` and
+    ``use_cudnn="auto"`` / ``False`` do not change the fused path. Keras's loop (its cuDNN path
+    where it has one) runs for ``reset_after=False``, other activations, other masks,
+    ``recurrent_dropout`` while training, the legacy ``implementation=1`` (one input dropout mask
+    per gate) with dropout while training, ``dropout=1`` while training (Keras's two paths treat
+    it differently), ``use_cudnn=True`` with a mask or ``recurrent_dropout`` (where Keras raises),
+    and dtypes/devices the kernels do not cover (CUDA included, unless a fastrnn backend is named),
+    as on the jax/tensorflow/numpy backends. ``Bidirectional`` on CUDA calls Keras's fused
+    bidirectional cuDNN GRU and skips both layers' ``inner_loop``.
+
+    float64 runs in float64 throughout (see :class:`SimpleRNN`).
+    """
+
+    def _cell_plan(self, mask, training):
+        cell = self.cell
+        if not (
+            cell.reset_after
+            and _is_activation(cell.activation, "tanh")
+            and _is_activation(cell.recurrent_activation, "sigmoid")
+        ):
+            return None
+        if getattr(self, "use_cudnn", "auto") is True and (mask is not None or cell.recurrent_dropout):
+            return None  # Keras's GRU raises a ValueError for these; keep its error
+        if training and cell.dropout > 0:
+            if cell.dropout >= 1 or getattr(cell, "dropout_mask_count", None) is not None:
+                return None
+        return {}
+
+    def _run_op(self, x, h0, lengths):
+        cell = self.cell
+        w_ih = _torch_gate_order(keras.ops.convert_to_tensor(cell.kernel)).T
+        w_hh = _torch_gate_order(keras.ops.convert_to_tensor(cell.recurrent_kernel)).T
+        b_ih = b_hh = None
+        if cell.use_bias:
+            bias = _torch_gate_order(keras.ops.convert_to_tensor(cell.bias))  # (2, 3H)
+            b_ih, b_hh = bias[0:1], bias[1:2]
+        return functional.gru(
+            x, h0, w_ih.unsqueeze(0), w_hh.unsqueeze(0), b_ih, b_hh, lengths=lengths, batch_first=True
+        )
+
+
+def _torch_gate_order(weight):
+    """Keras's GRU gate blocks (z, r, h) along the last axis, in torch's order (r, z, n)."""
+    z, r, h = torch.chunk(weight, 3, dim=-1)
+    return torch.cat((r, z, h), dim=-1)
 
 
 def _right_padded_lengths(mask, batch, steps):

@@ -22,6 +22,8 @@ from fastrnn import backends, ops
 from helpers import assert_close, compare, twins
 
 SHAPES = [dict(), dict(num_layers=2, bidirectional=True, nonlinearity="relu")]
+# Every test of a module path runs for each cell's torch class.
+CLASSES = pytest.mark.parametrize("cls", [torch.nn.RNN, torch.nn.GRU], ids=["RNN", "GRU"])
 
 
 def _output_sum(module):
@@ -30,16 +32,20 @@ def _output_sum(module):
 
 @pytest.mark.usefixtures("layer_kernels")
 @pytest.mark.parametrize("options", SHAPES)
-def test_gradgradcheck_and_batched_gradients(options):
-    _, fast = twins(3, 4, **options)
+@CLASSES
+def test_gradgradcheck_and_batched_gradients(options, cls):
+    if cls is not torch.nn.RNN:
+        options = {k: v for k, v in options.items() if k != "nonlinearity"}
+    _, fast = twins(3, 4, cls=cls, **options)
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     h = torch.randn(fast.num_layers * (1 + fast.bidirectional), 2, 4, dtype=torch.float64, requires_grad=True)
     assert gradcheck(lambda x, h: fast(x, h), (x, h), check_batched_grad=True)
     assert gradgradcheck(lambda x, h: fast(x, h), (x, h), check_batched_grad=True)
 
 
-def test_gradgradcheck_packed_with_dropout():
-    _, fast = twins(3, 4, num_layers=2, dropout=0.5, bidirectional=True)
+@CLASSES
+def test_gradgradcheck_packed_with_dropout(cls):
+    _, fast = twins(3, 4, num_layers=2, dropout=0.5, bidirectional=True, cls=cls)
     seqs = [torch.randn(n, 3, dtype=torch.float64, requires_grad=True) for n in (2, 4, 3)]
 
     def run(*seqs):
@@ -51,9 +57,10 @@ def test_gradgradcheck_packed_with_dropout():
 
 
 @pytest.mark.usefixtures("layer_kernels")
-def test_gradient_penalty_matches_torch_and_first_order_stays_fused(monkeypatch):
+@CLASSES
+def test_gradient_penalty_matches_torch_and_first_order_stays_fused(monkeypatch, cls):
     """create_graph=True: second derivatives are torch's; a plain backward still runs the kernels."""
-    ref, fast = twins(3, 5, num_layers=2)
+    ref, fast = twins(3, 5, num_layers=2, cls=cls)
     x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
     penalties = {}
     for name, module in (("torch", ref), ("fast", fast)):
@@ -62,7 +69,7 @@ def test_gradient_penalty_matches_torch_and_first_order_stays_fused(monkeypatch)
     for expected, actual in zip(penalties["torch"], penalties["fast"]):
         assert_close(actual, expected, 1e-10, "penalty gradient")
     calls = []
-    kernels = backends.kernels("numba", "RNN_TANH")
+    kernels = backends.kernels("numba", fast.mode)
     for name in ("backward", "layer_backward"):
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, original=original: calls.append(1) or original(*a))
@@ -70,8 +77,9 @@ def test_gradient_penalty_matches_torch_and_first_order_stays_fused(monkeypatch)
     assert calls
 
 
-def test_forward_mode_ad_and_jacobians_match_torch():
-    ref, fast = twins(3, 4, bidirectional=True)
+@CLASSES
+def test_forward_mode_ad_and_jacobians_match_torch(cls):
+    ref, fast = twins(3, 4, bidirectional=True, cls=cls)
     x, tangent = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(5, 2, 3, dtype=torch.float64)
     with fwAD.dual_level():
         expected = fwAD.unpack_dual(ref(fwAD.make_dual(x, tangent))[0]).tangent
@@ -87,10 +95,11 @@ def test_forward_mode_ad_and_jacobians_match_torch():
     assert_close(jac_fwd[1], jac_fwd[0], 1e-12, "jacfwd")
 
 
-def test_per_sample_gradients_through_expanded_weights():
+@CLASSES
+def test_per_sample_gradients_through_expanded_weights(cls):
     from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 
-    ref, fast = twins(3, 4, batch_first=True, dtype=torch.float32)
+    ref, fast = twins(3, 4, batch_first=True, dtype=torch.float32, cls=cls)
     x = torch.randn(5, 6, 3)
     for module in (ref, fast):
         call_for_per_sample_grads(module)(x)[0].sum().backward()
@@ -98,8 +107,9 @@ def test_per_sample_gradients_through_expanded_weights():
         assert_close(p.grad_sample, q.grad_sample, 1e-5, name)
 
 
-def test_functional_call_with_other_dtype_parameters():
-    ref, fast = twins(3, 4, dtype=torch.float32)
+@CLASSES
+def test_functional_call_with_other_dtype_parameters(cls):
+    ref, fast = twins(3, 4, dtype=torch.float32, cls=cls)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     outputs = [
         torch.func.functional_call(m, {k: v.double() for k, v in m.named_parameters()}, (x,)) for m in (ref, fast)
@@ -196,8 +206,9 @@ def test_forked_children_run_fastrnn_and_stock_rnns():
     assert out.strip() == "ok"
 
 
-def test_python_threads_share_a_module():
-    ref, fast = twins(64, 64, dtype=torch.float32)
+@CLASSES
+def test_python_threads_share_a_module(cls):
+    ref, fast = twins(64, 64, dtype=torch.float32, cls=cls)
     inputs = [torch.randn(30, 8, 64) for _ in range(4)]
     results = [None] * len(inputs)
 
@@ -225,10 +236,11 @@ def test_schemas_inferred_from_type_hints_take_symbolic_sizes():
     )
 
 
-def test_compile_with_dynamic_lengths_and_batch_compiles_once():
+@CLASSES
+def test_compile_with_dynamic_lengths_and_batch_compiles_once(cls):
     from torch._dynamo.testing import CompileCounter
 
-    ref, fast = twins(4, 8, num_layers=2, dtype=torch.float32)
+    ref, fast = twins(4, 8, num_layers=2, dtype=torch.float32, cls=cls)
     counter = CompileCounter()
     compiled = torch.compile(fast, backend=counter, fullgraph=True)
     for seq_len, batch in ((5, 2), (7, 3), (12, 4)):
@@ -301,8 +313,9 @@ def test_failing_triton_kernels_fall_back_to_torch_with_one_warning(monkeypatch)
     assert backends.resolve("triton", x.device, x.dtype) == "torch"
 
 
-def test_tied_weights_get_whole_gradients_with_create_graph():
-    ref, fast = twins(4, 4, num_layers=2)
+@CLASSES
+def test_tied_weights_get_whole_gradients_with_create_graph(cls):
+    ref, fast = twins(4, 4, num_layers=2, cls=cls)
     for module in (ref, fast):
         module.weight_hh_l1 = module.weight_hh_l0
     x = torch.randn(5, 2, 4, dtype=torch.float64, requires_grad=True)
@@ -310,10 +323,11 @@ def test_tied_weights_get_whole_gradients_with_create_graph():
     assert_close(grads[1], grads[0], 1e-10, "tied weight gradient")
 
 
-def test_dispatch_modes_see_torchs_ops():
+@CLASSES
+def test_dispatch_modes_see_torchs_ops(cls):
     from torch.utils.flop_counter import FlopCounterMode
 
-    ref, fast = twins(8, 8, dtype=torch.float32)
+    ref, fast = twins(8, 8, dtype=torch.float32, cls=cls)
     x = torch.randn(10, 2, 8)
     counts = []
     for module in (ref, fast):

@@ -1,4 +1,4 @@
-"""Bad input: fastrnn raises what torch.nn.RNN raises (same type), and never crashes."""
+"""Bad input: fastrnn raises what torch.nn.RNN / nn.GRU raise (same type), and never crashes."""
 
 import pytest
 import torch
@@ -46,9 +46,13 @@ BAD_CALLS = {
 }
 
 
+CLASSES = pytest.mark.parametrize("cls", [torch.nn.RNN, torch.nn.GRU], ids=["RNN", "GRU"])
+
+
 @pytest.mark.parametrize("case", BAD_CALLS)
-def test_same_exception_type_as_torch(case):
-    ref, fast = twins(4, 6, num_layers=2)
+@CLASSES
+def test_same_exception_type_as_torch(case, cls):
+    ref, fast = twins(4, 6, num_layers=2, cls=cls)
     expected = _call(ref, BAD_CALLS[case])
     actual = _call(fast, BAD_CALLS[case])
     assert actual is expected, f"{case}: torch raised {expected}, fastrnn raised {actual}"
@@ -66,12 +70,13 @@ def test_same_exception_type_as_torch(case):
         dict(num_layers=1.5),
     ],
 )
-def test_constructor_errors_match_torch(kwargs):
+@CLASSES
+def test_constructor_errors_match_torch(kwargs, cls):
     args = dict(input_size=4, hidden_size=6) | kwargs
     errors = []
-    for cls in (torch.nn.RNN, fastrnn.RNN):
+    for module_class in (cls, getattr(fastrnn, cls.__name__)):
         try:
-            cls(**args)
+            module_class(**args)
             errors.append(None)
         except Exception as error:  # noqa: BLE001
             errors.append(type(error))
@@ -83,8 +88,9 @@ def test_unknown_backend_is_a_value_error():
         fastrnn.RNN(4, 6, backend="cudnn")
 
 
-def test_packed_hx_wrong_batch():
-    ref, fast = twins(4, 6)
+@CLASSES
+def test_packed_hx_wrong_batch(cls):
+    ref, fast = twins(4, 6, cls=cls)
     packed = torch.nn.utils.rnn.pack_sequence([torch.randn(3, 4, dtype=F64), torch.randn(2, 4, dtype=F64)])
     hx = lambda: (packed, torch.randn(1, 3, 6, dtype=F64))  # noqa: E731
     assert _call(fast, hx) is _call(ref, hx) is RuntimeError
@@ -101,3 +107,15 @@ def test_functional_rejects_bad_lengths_and_shapes():
         fastrnn.functional.elman(x, None, w_ih, w_hh, nonlinearity="sigmoid")
     with pytest.raises(RuntimeError, match="must match"):
         fastrnn.functional.elman(x, None, w_ih.double(), w_hh)
+
+
+def test_functional_gru_rejects_bad_shapes_and_lone_biases():
+    x, w_ih, w_hh, b = torch.randn(5, 2, 3), torch.randn(1, 12, 3), torch.randn(1, 12, 4), torch.zeros(1, 12)
+    with pytest.raises(RuntimeError, match="w_ih"):
+        fastrnn.functional.gru(x, None, w_ih[:, :4], w_hh)
+    with pytest.raises(RuntimeError, match="biases"):
+        fastrnn.functional.gru(x, None, w_ih, w_hh, b[:, :4], b[:, :4])
+    with pytest.raises(ValueError, match="both biases"):
+        fastrnn.functional.gru(x, None, w_ih, w_hh, b)
+    out, h_n = fastrnn.functional.gru(x, None, w_ih, w_hh, b, b, lengths=torch.tensor([5, 2]))
+    assert out.shape == (5, 2, 4) and bool((out[2:, 1] == 0).all())

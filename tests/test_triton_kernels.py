@@ -1,4 +1,6 @@
-"""The Triton launchers against a plain torch loop: forward (out, h_n) and backward (grad_pre, grad_h0).
+"""The Triton launchers (kernels/triton/recurrence.py) of every cell against fastrnn.reference's
+float64 torch loop: forward (out, h_n, GRU's saved gates) and backward (grad_proj, grad_h0, and
+grad_rec through the weight gradients it yields, dW_hh and db_hh).
 
 Without a GPU this runs under TRITON_INTERPRET=1 on CPU tensors, with tiny sizes; with CUDA the
 same cases run on the GPU with larger ones.
@@ -8,6 +10,7 @@ import importlib
 import importlib.util
 import os
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -16,28 +19,34 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     # Must be set before triton is imported: @triton.jit reads it at decoration time.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+
+from fastrnn import reference  # noqa: E402
 
 
 def _load_module():
     try:
-        return importlib.import_module("fastrnn.kernels.triton.elman")
-    except ImportError:
-        path = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "triton" / "elman.py"
-        spec = importlib.util.spec_from_file_location("_fastrnn_triton_elman", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return importlib.import_module("fastrnn.kernels.triton.recurrence")
+    except ImportError:  # a checkout that was never installed: kernels/ is not fastrnn.kernels
+        path = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "triton"
+        spec = importlib.util.spec_from_file_location(
+            "_fastrnn_triton", path / "__init__.py", submodule_search_locations=[str(path)]
+        )
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
+        return importlib.import_module("_fastrnn_triton.recurrence")
 
 
-elman = _load_module()
-if not CUDA and not elman._INTERPRET:
+rec = _load_module()
+if not CUDA and not importlib.import_module(rec.__package__ + "._common").INTERPRET:
     pytest.skip("no CUDA and triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
 
 DEVICE = "cuda" if CUDA else "cpu"
-# (T, B, D, H): tiny under the interpreter, larger on a GPU. B=3 / 37 is not a multiple of 16.
+MODES = ["RNN_TANH", "RNN_RELU", "GRU"]
+# (T, B, D, H): tiny under the interpreter, larger on a GPU. B = 3, 5, 17, 37 are not multiples
+# of any BLOCK_B. Under the interpreter, float32 reduce BLOCK_B is 8 (H <= 32), 4 (H = 40) and
+# 2 (Elman H = 70); GRU's H = 70 is above its on-chip limit and runs tiled.
 if not CUDA:
-    # BLOCK_B of the float32 reduce path: 8 (H <= 32), 4 (H = 40), 2 (H = 70); B = 17: 3 blocks.
     SHAPES = [(5, 3, 1, 5), (7, 3, 2, 13), (3, 17, 2, 16), (4, 5, 1, 40), (4, 5, 2, 70)]
 else:
     SHAPES = [(50, 37, 1, 5), (64, 37, 2, 100), (33, 70, 2, 128), (9, 300, 2, 64)]
@@ -45,148 +54,226 @@ TILED_SHAPES = [(4, 3, 2, 37)] if not CUDA else [(40, 37, 2, 200), (20, 19, 1, 1
 ATOL = 2e-5 if not CUDA else 1e-4
 
 
-def reference(proj, w_hh, h0, lengths, relu):
-    """The recurrence step by step in float64; returns out, h_n."""
-    T, B, D, H = proj.shape
-    act = torch.relu if relu else torch.tanh
-    out = proj.new_zeros(T, B, D, H)
-    h_n = []
-    rows = torch.arange(B, device=proj.device)
-    for d in range(D):
-        h = h0[d]
-        for s in range(T):
-            active = s < lengths
-            t = torch.full_like(lengths, s) if d == 0 else (lengths - 1 - s).clamp(min=0)
-            y = act(proj[t, rows, d] + h @ w_hh[d].T)
-            h = torch.where(active[:, None], y, h)
-            out = out.index_put((t[active], rows[active], torch.full_like(t[active], d)), y[active])
-        h_n.append(h)
-    return out, torch.stack(h_n)
-
-
-def make_inputs(T, B, D, H, lengths, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    proj = torch.randn(T, B, D, H, generator=g)
-    w_hh = torch.randn(D, H, H, generator=g) / H**0.5
-    h0 = torch.randn(D, B, H, generator=g) * 0.5
-    grad_out = torch.randn(T, B, D, H, generator=g)
-    grad_hn = torch.randn(D, B, H, generator=g)
-    lengths = torch.tensor(lengths, dtype=torch.int64)
-    return [x.to(DEVICE, dtype) for x in (proj, w_hh, h0, grad_out, grad_hn)] + [lengths.to(DEVICE)]
-
-
 def lengths_for(T, B):
     # A 0-length row, a full-length row, and others in between.
     return [[0, T, max(1, T // 2)][b % 3] if b < 3 else (b * 7) % (T + 1) for b in range(B)]
 
 
-def reference_grads(proj, w_hh, h0, grad_out, grad_hn, lengths, relu):
-    p, w, h = (x.detach().double().requires_grad_() for x in (proj, w_hh, h0))
-    out, h_n = reference(p, w, h, lengths, relu)
-    grad_pre, grad_h0 = torch.autograd.grad((out, h_n), (p, h), (grad_out.double(), grad_hn.double()))
-    return out, h_n, grad_pre, grad_h0
+def make_inputs(mode, T, B, D, H, lengths, dtype=torch.float32, seed=0, scale=1.0):
+    """The launchers' arguments (proj, w_hh, b_hh, h0, grad_out, grad_hn, lengths) on DEVICE, with
+    NaN in proj and grad_out past each length: the kernels must never read them there."""
+    G = rec.GATES[mode]
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(T, B, D, G * H, generator=g) * scale
+    w_hh = torch.randn(D, G * H, H, generator=g) / H**0.5
+    b_hh = torch.randn(D, G * H, generator=g) * 0.5 if mode == "GRU" else None
+    h0 = torch.randn(D, B, H, generator=g) * 0.5
+    grad_out = torch.randn(T, B, D, H, generator=g)
+    grad_hn = torch.randn(D, B, H, generator=g)
+    lengths = torch.tensor(lengths, dtype=torch.int64)
+    pad = torch.arange(T)[:, None] >= lengths[None, :]
+    proj[pad] = float("nan")
+    grad_out[pad] = float("nan")
+    cast = [None if x is None else x.to(DEVICE, dtype) for x in (proj, w_hh, b_hh, h0, grad_out, grad_hn)]
+    return cast + [lengths.to(DEVICE)]
 
 
-def check_against_reference(T, B, D, H, relu, atol, dtype=torch.float32, lengths_list=None, scaled=None, **kw):
+def previous_states(out, h0, lengths):
+    """h_{t-1} of every step (T, B, D, H): the output one step before in the direction's order, h0
+    at a sequence's first step (t = 0 forward, t = L-1 reversed)."""
+    h_prev = [torch.cat([h0[0][None], out[:-1, :, 0]])]
+    if out.shape[2] == 2:
+        t = torch.arange(out.shape[0], device=out.device)[:, None]
+        later = torch.cat([out[1:, :, 1], torch.zeros_like(out[:1, :, 1])])
+        h_prev.append(torch.where((t == lengths[None, :] - 1)[..., None], h0[1][None], later))
+    return torch.stack(h_prev, dim=2)
+
+
+def reference_results(mode, proj, w_hh, b_hh, h0, grad_out, grad_hn, lengths):
+    """What the launchers should return, in float64 from fastrnn.reference.layer, which runs from
+    x with W_ih: x = proj flattened and a W_ih that selects each direction's block of it."""
+    T, B, D, GH = proj.shape
+    pad = (torch.arange(T, device=proj.device)[:, None] >= lengths[None, :])[..., None, None]
+    # The reference computes every step (and differentiates through the padded ones), so it gets
+    # zeros where the kernels got NaN.
+    p = torch.where(pad, 0.0, proj.double()).requires_grad_()
+    h, w = (x.double().requires_grad_() for x in (h0, w_hh))
+    b = None if b_hh is None else b_hh.double().requires_grad_()
+    leaves = [p, h, w] + ([] if b is None else [b])
+    select = torch.eye(D * GH, dtype=torch.float64, device=proj.device).reshape(D * GH, D, GH).permute(1, 2, 0)
+    out, h_n = reference.layer(mode, p.reshape(T, B, D * GH), h, select, w, None, b, lengths)
+    out = out.reshape(T, B, D, -1)
+    grads = torch.autograd.grad((out, h_n), leaves, (torch.where(pad, 0.0, grad_out.double()), grad_hn.double()))
+    want = dict(out=out.detach(), h_n=h_n.detach(), grad_proj=grads[0], grad_h0=grads[1], grad_w_hh=grads[2])
+    want["h_prev"] = previous_states(want["out"], h.detach(), lengths)
+    if b is not None:
+        want["grad_b_hh"] = grads[3]
+        # The GRU's saved gates [r, z, n, W_hn h + b_hn] from the reference's states.
+        a = torch.einsum("tbdk,dgk->tbdg", want["h_prev"], w.detach()) + b.detach()
+        x_r, x_z, x_n = p.detach().chunk(3, -1)
+        a_r, a_z, a_n = a.chunk(3, -1)
+        r = torch.sigmoid(x_r + a_r)
+        want["saved"] = torch.cat([r, torch.sigmoid(x_z + a_z), torch.tanh(x_n + r * a_n), a_n], -1)
+    return want
+
+
+def assert_close(name, got, want, atol, scaled):
+    if not scaled:
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=atol, msg=lambda m: f"{name}: {m}")
+    else:  # half precision or TF32: error relative to the tensor's scale
+        err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+        scale = 1.0 + (want.abs().max().item() if want.numel() else 0.0)
+        assert err <= atol * scale, f"{name}: max error {err:.3e} > {atol * scale:.3e}"
+
+
+def check_against_reference(
+    mode, T, B, D, H, atol, dtype=torch.float32, lengths_list=None, scaled=None, scale=1.0, **kw
+):
     lengths_list = lengths_for(T, B) if lengths_list is None else lengths_list
-    proj, w_hh, h0, grad_out, grad_hn, lengths = make_inputs(T, B, D, H, lengths_list, dtype)
-    out, h_n = elman.elman_forward(proj, w_hh, h0, lengths, relu, **kw)
-    grad_pre, grad_h0 = elman.elman_backward(grad_out, grad_hn, out, w_hh, lengths, relu, **kw)
-    ref = reference_grads(proj, w_hh, h0, grad_out, grad_hn, lengths, relu)
-    for name, got, want in zip(("out", "h_n", "grad_pre", "grad_h0"), (out, h_n, grad_pre, grad_h0), ref):
-        assert got.dtype == dtype and got.shape == want.shape, name
-        if not (dtype != torch.float32 if scaled is None else scaled):
-            torch.testing.assert_close(
-                got.double(), want, atol=atol, rtol=atol, msg=lambda m, name=name: f"{name}: {m}"
-            )
-        else:  # half precision or TF32: error relative to the tensor's scale
-            err = (got.double() - want).abs().max().item() if want.numel() else 0.0
-            scale = 1.0 + (want.abs().max().item() if want.numel() else 0.0)
-            assert err <= atol * scale, f"{name}: max error {err:.3e} > {atol * scale:.3e}"
-    # Padded positions are exact zeros in out and grad_pre.
+    proj, w_hh, b_hh, h0, grad_out, grad_hn, lengths = make_inputs(mode, T, B, D, H, lengths_list, dtype, scale=scale)
+    out, h_n, saved = rec.forward(proj, w_hh, b_hh, h0, lengths, mode, **kw)
     pad = torch.arange(T, device=DEVICE)[:, None] >= lengths[None, :]
-    assert (out[pad] == 0).all() and (grad_pre[pad] == 0).all()
+    for kept in saved:  # unset past each length, and backward must not read it there
+        kept[pad] = float("nan")
+    grad_proj, grad_rec, grad_h0 = rec.backward(grad_out, grad_hn, out, saved, w_hh, h0, lengths, mode, **kw)
+    want = reference_results(mode, proj, w_hh, b_hh, h0, grad_out, grad_hn, lengths)
+    scaled = dtype != torch.float32 if scaled is None else scaled
+
+    valid = ~pad
+    got = dict(out=out, h_n=h_n, grad_proj=grad_proj, grad_h0=grad_h0)
+    # grad_rec is checked through the weight gradients it gives with the previous states.
+    got["grad_w_hh"] = torch.einsum("tbdg,tbdk->dgk", grad_rec.double(), want["h_prev"])
+    if mode == "GRU":
+        got["grad_b_hh"] = grad_rec.double().sum((0, 1))
+        (got["saved"],) = saved
+        got["saved"], want["saved"] = got["saved"][valid], want["saved"][valid]
+        assert grad_rec is not grad_proj
+    else:
+        assert saved == () and grad_rec is grad_proj
+    for name, value in got.items():
+        assert value.dtype == (dtype if name not in ("grad_w_hh", "grad_b_hh") else torch.float64), name
+        assert value.shape == want[name].shape, name
+        assert_close(name, value, want[name], atol, scaled)
+    # Padded positions are exact zeros in out, grad_proj and grad_rec.
+    assert (out[pad] == 0).all() and (grad_proj[pad] == 0).all() and (grad_rec[pad] == 0).all()
 
 
-@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def expect_onchip(mode, B, D, H, dtype=torch.float32):
+    return rec._launch_config(B, D, H, dtype, torch.device(DEVICE), mode)[0]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-D{}-H{}".format(*s))
-def test_onchip_matches_reference(shape, relu):
+def test_matches_reference(shape, mode):
     T, B, D, H = shape
-    assert elman._launch_config(B, D, H, torch.float32, torch.device(DEVICE))[0], "expected on-chip kernels"
-    check_against_reference(*shape, relu, ATOL)
+    assert expect_onchip(mode, B, D, H) == (max(16, triton.next_power_of_2(H)) <= rec.ONCHIP_MAX_H[mode])
+    check_against_reference(mode, *shape, ATOL)
 
 
-@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", TILED_SHAPES, ids=lambda s: "T{}-B{}-D{}-H{}".format(*s))
-def test_tiled_matches_reference(shape, relu, monkeypatch):
+def test_tiled_matches_reference(shape, mode, monkeypatch):
     if not CUDA:  # several N and K tiles at a tiny H
-        monkeypatch.setattr(elman, "TILE_N", 16)
-        monkeypatch.setattr(elman, "TILE_K", 16)
-    monkeypatch.setattr(elman, "ONCHIP_MAX_H", 0)
+        monkeypatch.setattr(rec, "TILE_N", 16)
+        monkeypatch.setattr(rec, "TILE_K", 16)
+    monkeypatch.setitem(rec.ONCHIP_MAX_H, mode, 0)
     T, B, D, H = shape
-    assert not elman._launch_config(B, D, H, torch.float32, torch.device(DEVICE))[0], "expected tiled kernels"
-    check_against_reference(*shape, relu, ATOL)
+    assert not expect_onchip(mode, B, D, H), "expected tiled kernels"
+    check_against_reference(mode, *shape, ATOL)
 
 
-def test_large_hidden_takes_tiled_path():
-    assert not elman._launch_config(4, 2, 1000, torch.float32, torch.device(DEVICE))[0]
+@pytest.mark.parametrize("mode", MODES)
+def test_onchip_limits(mode):
+    # GRU keeps three H x H blocks on chip, so it goes tiled above H = 64; Elman above 128.
+    limit = rec.ONCHIP_MAX_H[mode]
+    assert limit == (64 if mode == "GRU" else 128)
+    assert expect_onchip(mode, 4, 2, limit) and not expect_onchip(mode, 4, 2, limit + 1)
+    assert not expect_onchip(mode, 4, 2, 1000)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("tiled", [False, True], ids=["onchip", "tiled"])
-def test_half_precision_close_to_float64(dtype, tiled, monkeypatch):
+def test_half_precision_close_to_float64(mode, dtype, tiled, monkeypatch):
     if tiled:
-        monkeypatch.setattr(elman, "ONCHIP_MAX_H", 0)
+        monkeypatch.setitem(rec.ONCHIP_MAX_H, mode, 0)
     T, B, D, H = (6, 3, 2, 13) if not CUDA else (32, 37, 2, 100)
-    check_against_reference(T, B, D, H, dtype == torch.float16, 3e-2, dtype=dtype)
+    check_against_reference(mode, T, B, D, H, 3e-2, dtype=dtype)
 
 
 def test_wide_batch_block(monkeypatch):
     # The tensor-core path doubles BLOCK_B once programs outnumber SMs; pretend there is one SM.
-    monkeypatch.setattr(elman, "_sm_count", lambda device: 1)
+    # GRU keeps 16 rows (32 spill with its three W blocks).
+    monkeypatch.setattr(rec, "sm_count", lambda device: 1)
     T, B, D, H = (3, 40, 2, 5) if not CUDA else (20, 300, 2, 100)
-    assert elman._launch_config(B, D, H, torch.bfloat16, torch.device(DEVICE))[2]["BLOCK_B"] == 32
-    check_against_reference(T, B, D, H, False, 3e-2, dtype=torch.bfloat16)
+    assert rec._launch_config(B, D, H, torch.bfloat16, torch.device(DEVICE), "GRU")[2]["BLOCK_B"] == 16
+    assert rec._launch_config(B, D, H, torch.bfloat16, torch.device(DEVICE), "RNN_TANH")[2]["BLOCK_B"] == 32
+    check_against_reference("RNN_TANH", T, B, D, H, 3e-2, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("tiled", [False, True], ids=["onchip", "tiled"])
-def test_float32_tensor_core_path(tiled, monkeypatch):
+def test_float32_tensor_core_path(mode, tiled, monkeypatch):
     # allow_tf32 switches float32 from the CUDA-core reduce to tl.dot (TF32 on a GPU: loose bound).
     if tiled:
-        monkeypatch.setattr(elman, "ONCHIP_MAX_H", 0)
+        monkeypatch.setitem(rec.ONCHIP_MAX_H, mode, 0)
     T, B, D, H = (5, 3, 2, 13) if not CUDA else (16, 37, 2, 100)
-    assert elman._launch_config(B, D, H, torch.float32, torch.device(DEVICE), True)[2]["MODE"] != "reduce"
-    check_against_reference(T, B, D, H, False, 3e-2 if CUDA else ATOL, scaled=CUDA, allow_tf32=True)
+    assert rec._launch_config(B, D, H, torch.float32, torch.device(DEVICE), mode, True)[2]["MODE"] != "reduce"
+    check_against_reference(mode, T, B, D, H, 3e-2 if CUDA else ATOL, scaled=CUDA, allow_tf32=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tiled", [False, True], ids=["onchip", "tiled"])
+@pytest.mark.parametrize("lens", [[0, 0], [3, 3]], ids=["all-empty", "all-full"])
+def test_uniform_lengths(mode, lens, tiled, monkeypatch):
+    if tiled:
+        monkeypatch.setitem(rec.ONCHIP_MAX_H, mode, 0)
+    check_against_reference(mode, 3, 2, 2, 5, ATOL, lengths_list=lens)
 
 
 @pytest.mark.parametrize("tiled", [False, True], ids=["onchip", "tiled"])
-@pytest.mark.parametrize("lens", [[0, 0], [3, 3]], ids=["all-empty", "all-full"])
-def test_uniform_lengths(lens, tiled, monkeypatch):
+def test_gru_saturated_gates(tiled, monkeypatch):
+    # Pre-activations of +-100s: the sigmoid and tanh must saturate, not overflow to NaN.
     if tiled:
-        monkeypatch.setattr(elman, "ONCHIP_MAX_H", 0)
-    check_against_reference(3, 2, 2, 5, False, ATOL, lengths_list=lens)
+        monkeypatch.setitem(rec.ONCHIP_MAX_H, "GRU", 0)
+    check_against_reference("GRU", 4, 3, 2, 5, ATOL, scale=200.0)
 
 
-def test_empty_sequence_returns_h0():
-    proj, w_hh, h0, grad_out, grad_hn, lengths = make_inputs(0, 2, 1, 5, [0, 0])
-    out, h_n = elman.elman_forward(proj, w_hh, h0, lengths, False)
-    grad_pre, grad_h0 = elman.elman_backward(grad_out, grad_hn, out, w_hh, lengths, False)
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_sequence_returns_h0(mode):
+    proj, w_hh, b_hh, h0, grad_out, grad_hn, lengths = make_inputs(mode, 0, 2, 1, 5, [0, 0])
+    out, h_n, saved = rec.forward(proj, w_hh, b_hh, h0, lengths, mode)
+    grad_proj, grad_rec, grad_h0 = rec.backward(grad_out, grad_hn, out, saved, w_hh, h0, lengths, mode)
     assert out.shape == (0, 2, 1, 5) and torch.equal(h_n, h0) and torch.equal(grad_h0, grad_hn)
+    assert grad_proj.shape == grad_rec.shape == (0, 2, 1, rec.GATES[mode] * 5)
+    assert not rec.fuses_whole_layer(0, 2, 5, 1, 5, mode)
 
 
-def test_rejects_bad_inputs():
-    proj, w_hh, h0, grad_out, grad_hn, lengths = make_inputs(3, 2, 1, 5, [3, 1])
+@pytest.mark.parametrize("mode", MODES)
+def test_rejects_bad_inputs(mode):
+    proj, w_hh, b_hh, h0, grad_out, grad_hn, lengths = make_inputs(mode, 3, 2, 1, 5, [3, 1])
+    d = lambda x: None if x is None else x.double()  # noqa: E731
     with pytest.raises(TypeError):
-        elman.elman_forward(proj.double(), w_hh.double(), h0.double(), lengths, False)
+        rec.forward(d(proj), d(w_hh), d(b_hh), d(h0), lengths, mode)
     with pytest.raises(TypeError):
-        elman.elman_forward(proj, w_hh.half(), h0, lengths, False)
+        rec.forward(proj, w_hh.half(), b_hh, h0, lengths, mode)
     with pytest.raises(ValueError):
-        elman.elman_forward(proj, w_hh[:, :4, :4].contiguous(), h0, lengths, False)
+        rec.forward(proj, w_hh[:, :4, :4].contiguous(), b_hh, h0, lengths, mode)
     with pytest.raises(ValueError):
-        elman.elman_forward(proj[0], w_hh, h0, lengths, False)
+        rec.forward(proj[0], w_hh, b_hh, h0, lengths, mode)
     with pytest.raises(ValueError):
-        elman.elman_forward(proj, w_hh, h0, lengths[:1], False)
+        rec.forward(proj, w_hh, b_hh, h0, lengths[:1], mode)
     with pytest.raises(RuntimeError):
-        elman.elman_forward(proj.transpose(0, 1).contiguous().transpose(0, 1), w_hh, h0, lengths, False)
+        rec.forward(proj.transpose(0, 1).contiguous().transpose(0, 1), w_hh, b_hh, h0, lengths, mode)
+    with pytest.raises(ValueError):  # b_hh is GRU's alone; Elman folds it into proj
+        rec.forward(proj, w_hh, None if mode == "GRU" else h0[:, 0], h0, lengths, mode)
     with pytest.raises(ValueError):
-        elman.elman_backward(grad_out[:2].contiguous(), grad_hn, proj, w_hh, lengths, False)
+        rec.forward(proj, w_hh, b_hh, h0, lengths, "LSTM")
+    out, h_n, saved = rec.forward(proj, w_hh, b_hh, h0, lengths, mode)
+    with pytest.raises(ValueError):
+        rec.backward(grad_out[:2].contiguous(), grad_hn, out, saved, w_hh, h0, lengths, mode)
+    if mode == "GRU":
+        with pytest.raises(ValueError):
+            rec.backward(grad_out, grad_hn, out, (), w_hh, h0, lengths, mode)
+        with pytest.raises(ValueError):
+            rec.backward(grad_out, grad_hn, out, (saved[0][..., :5].contiguous(),), w_hh, h0, lengths, mode)

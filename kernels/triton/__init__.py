@@ -1,1 +1,2 @@
-"""Triton (GPU) kernels of fastrnn; see ``elman.py``."""
+"""Triton (GPU) kernels of fastrnn: ``recurrence.py`` (the persistent kernels, generic over the cell),
+``_cells.py`` (each cell's pointwise step) and ``_common.py`` (what the kernels share)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-import fastrnn
+from fastrnn.convert import FUSED
 
 
 @functools.cache
@@ -19,11 +19,12 @@ def example(name):
     return module
 
 
-def twins(*args, dtype=torch.float64, seed=0, **kwargs):
-    """A torch.nn.RNN and a fastrnn.RNN holding the same weights."""
+def twins(*args, dtype=torch.float64, seed=0, cls=torch.nn.RNN, **kwargs):
+    """A torch module of class ``cls`` (torch.nn.RNN or torch.nn.GRU) and its fastrnn drop-in
+    (fastrnn.RNN or fastrnn.GRU) holding the same weights."""
     torch.manual_seed(seed)
-    ref = torch.nn.RNN(*args, **kwargs).to(dtype)
-    fast = fastrnn.RNN(*args, **kwargs).to(dtype)
+    ref = cls(*args, **kwargs).to(dtype)
+    fast = FUSED[cls](*args, **kwargs).to(dtype)
     fast.load_state_dict(ref.state_dict())
     return ref, fast
 

@@ -234,6 +234,13 @@ def check(lengths, batch, **named):
         raise ValueError(f"lengths must be int64 of shape ({batch},), got {lengths.dtype} {tuple(lengths.shape)}")
 
 
+def check_lengths(lengths, seq_len):
+    """Every length in [0, T]: the kernels index by them (in NumPy: a torch reduction costs more)."""
+    values = lengths.numpy(force=True)
+    if values.size and (values.min() < 0 or values.max() > seq_len):
+        raise ValueError(f"lengths must lie in [0, {seq_len}], got {values.min()} to {values.max()}")
+
+
 def check_recurrence(gates, shape, w_hh, b_hh, lengths, states, **like_out):
     """For (T, B, D, H) = ``shape``: w_hh (D, G*H, H), b_hh (D, G*H) or None, ``states`` (name ->
     tensor) each (D, B, H), and ``like_out`` (name -> (tensor, W)) each (T, B, D, W)."""
@@ -251,6 +258,7 @@ def check_recurrence(gates, shape, w_hh, b_hh, lengths, states, **like_out):
         )
     extra = {} if b_hh is None else {"b_hh": b_hh}
     check(lengths, batch, w_hh=w_hh, **extra, **states, **named)
+    check_lengths(lengths, seq_len)
 
 
 def fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden, gates):
@@ -289,6 +297,7 @@ def check_layer(gates, lengths, x, params, h0, grad_hn=None, **like_out):
             f"{[[tuple(t.shape) for t in p] for p in params]}, { ({n: tuple(t.shape) for n, t in named.items()}) }"
         )
     check(lengths, x.shape[1], x=x, h0=h0, **named)
+    check_lengths(lengths, x.shape[0])
     for d, p in enumerate(params):
         for i, t in enumerate(p):
             if not (t.is_cpu and t.dtype == x.dtype and t.is_contiguous()):  # named only on error

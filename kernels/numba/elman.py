@@ -147,6 +147,8 @@ def _layer_bwd_kernel(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, 
 
 def forward(proj, w_hh, b_hh, h0, lengths, mode):
     """Run the recurrence; returns out (T, B, D, H), zero past each length, h_n (D, B, H) and ()."""
+    if b_hh is not None:
+        raise ValueError("the Elman cell takes b_hh folded into proj: pass b_hh=None")
     rt.check_recurrence(GATES, proj.shape, w_hh, None, lengths, {"h0": h0}, proj=(proj, proj.shape[3]))
     _, batch, n_dir, hidden = proj.shape
     out, h_n = torch.empty_like(proj), torch.empty_like(h0)

@@ -206,6 +206,8 @@ def _new_like(t, width):
 def forward(proj, w_hh, b_hh, h0, lengths, mode):
     """Run the recurrence; returns out (T, B, D, H), zero past each length, h_n (D, B, H) and
     (saved,), the per-step [r, z, n, h_n] (T, B, D, 4H)."""
+    if b_hh is None:
+        raise ValueError("the GRU cell needs b_hh (D, 3H), zeros for bias=False")
     hidden = h0.shape[-1]
     seq_len, batch, n_dir, _ = proj.shape
     shape = (seq_len, batch, n_dir, hidden)

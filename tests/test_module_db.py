@@ -1,15 +1,16 @@
-"""PyTorch's own module tests for nn.RNN, run on fastrnn.RNN.
+"""PyTorch's own module tests for nn.RNN and nn.GRU, run on fastrnn.RNN and fastrnn.GRU.
 
-The samples are the ones PyTorch tests nn.RNN with: the ``ModuleInfo`` for ``torch.nn.RNN`` in
-``torch.testing._internal.common_modules.module_db`` (its ``module_inputs_func`` and
-``module_error_inputs_func``). The checks are the ones PyTorch's ``test/test_modules.py`` applies
-to that entry on CPU (forward against the sample's reference, the ``.float()``/``.double()``
-methods, factory kwargs, construction under ``torch.device("meta")``, ``to_empty``, ``to``, repr,
-pickling, non-contiguous tensors, memory format, gradcheck and gradgradcheck with batched grads,
-train/eval, error inputs), rewritten here, and most of them also compare fastrnn.RNN with a stock
-torch.nn.RNN holding the same state_dict.
+The samples are the ones PyTorch tests nn.RNN and nn.GRU with: the ``ModuleInfo`` entries for
+``torch.nn.RNN`` and ``torch.nn.GRU`` in ``torch.testing._internal.common_modules.module_db``
+(their ``module_inputs_func`` and ``module_error_inputs_func``). The checks are the ones PyTorch's
+``test/test_modules.py`` applies to those entries on CPU (forward against the sample's reference,
+the ``.float()``/``.double()`` methods, factory kwargs, construction under
+``torch.device("meta")``, ``to_empty``, ``to``, repr, pickling, non-contiguous tensors, memory
+format, gradcheck and gradgradcheck with batched grads, train/eval, error inputs), rewritten here,
+and most of them also compare the fastrnn module with a stock torch module holding the same
+state_dict. Every test runs once per entry (its id starts with ``RNN`` or ``GRU``).
 
-Every test runs fastrnn.RNN with ``backend="auto"`` (the fused kernels). To check the checks, run
+Every test runs the fastrnn module with ``backend="auto"`` (the fused kernels). To check the checks, run
 them also on ``backend="torch"`` (PyTorch's own implementation behind the same class), where every
 one must pass: ``FASTRNN_MODULE_DB_BACKENDS=auto,torch pytest tests/test_module_db.py``. A check
 that fails on ``torch`` is a wrong check; one that fails on ``auto`` only is a fastrnn bug.
@@ -79,7 +80,11 @@ def _import_common_modules():
 
 common_modules, _STATE_CHANGED_BY_IMPORT = _import_common_modules()
 ModuleErrorEnum = common_modules.ModuleErrorEnum
-RNN_INFO = next(info for info in common_modules.module_db if info.module_cls is torch.nn.RNN)
+# Each entry tested: its name -> (its ModuleInfo, the stock class, the fastrnn class).
+ENTRIES = {
+    cls.__name__: (next(info for info in common_modules.module_db if info.module_cls is cls), cls, fast_cls)
+    for cls, fast_cls in ((torch.nn.RNN, fastrnn.RNN), (torch.nn.GRU, fastrnn.GRU))
+}
 
 BACKENDS = tuple(os.environ.get("FASTRNN_MODULE_DB_BACKENDS", "auto").split(","))
 assert BACKENDS and set(BACKENDS) <= {"auto", "numba", "triton", "torch"}, BACKENDS
@@ -87,31 +92,34 @@ DTYPES = (torch.float64, torch.float32)
 DTYPE_IDS = ("float64", "float32")
 
 
-def _samples(dtype=torch.float64, requires_grad=False, training=True, device="cpu", seed=0):
-    """module_db's forward samples for nn.RNN, with inputs drawn from a fixed seed; the global RNG
-    is left as it was."""
+def _info(entry):
+    return ENTRIES[entry][0]
+
+
+def _samples(entry, dtype=torch.float64, requires_grad=False, training=True, device="cpu", seed=0):
+    """module_db's forward samples for the entry (``"RNN"``, ``"GRU"``), with inputs drawn from a
+    fixed seed; the global RNG is left as it was."""
+    info = _info(entry)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return list(
-            RNN_INFO.module_inputs_func(
-                RNN_INFO, device=device, dtype=dtype, requires_grad=requires_grad, training=training
-            )
+            info.module_inputs_func(info, device=device, dtype=dtype, requires_grad=requires_grad, training=training)
         )
 
 
-def _error_samples(dtype):
+def _error_samples(entry, dtype):
+    info = _info(entry)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return list(
-            RNN_INFO.module_error_inputs_func(RNN_INFO, device="cpu", dtype=dtype, requires_grad=False, training=True)
-        )
+        return list(info.module_error_inputs_func(info, device="cpu", dtype=dtype, requires_grad=False, training=True))
 
 
-def _sample_id(sample):
+def _sample_id(entry, sample):
     k = sample.constructor_input.kwargs
     return "-".join(
         [
-            k["nonlinearity"],
+            entry,
+            *([k["nonlinearity"]] if "nonlinearity" in k else []),
             "bias" if k["bias"] else "nobias",
             "batch_first" if k["batch_first"] else "seq_first",
             "bidir" if k["bidirectional"] else "unidir",
@@ -121,21 +129,26 @@ def _sample_id(sample):
     )
 
 
-def _error_id(index, error_input):
+def _error_id(entry, index, error_input):
     words = re.sub(r"[^A-Za-z_]+", " ", error_input.error_regex).split()[:4]
     ctor = error_input.module_error_input.constructor_input
     args = ",".join(map(repr, ctor.args)) + "".join(
         f",{k}={v!r}" for k, v in ctor.kwargs.items() if k not in ("device", "dtype")
     )
-    return f"{index}-{error_input.error_type.__name__}-{'_'.join(words)}-({args})"
+    return f"{entry}-{index}-{error_input.error_type.__name__}-{'_'.join(words)}-({args})"
 
 
-_SAMPLE_IDS = [_sample_id(s) for s in _samples()]
+# (entry, index) of every sample, and its id.
+_SAMPLES = [(entry, i) for entry in ENTRIES for i in range(len(_samples(entry)))]
+_SAMPLE_IDS = [_sample_id(entry, _samples(entry)[i]) for entry, i in _SAMPLES]
 assert len(set(_SAMPLE_IDS)) == len(_SAMPLE_IDS) > 0, _SAMPLE_IDS
-_ERROR_IDS = [_error_id(i, e) for i, e in enumerate(_error_samples(torch.float32))]
-assert len(_ERROR_IDS) > 0
+assert all(any(i.startswith(f"{entry}-") for i in _SAMPLE_IDS) for entry in ENTRIES), _SAMPLE_IDS
+_ERRORS = [(entry, i) for entry in ENTRIES for i in range(len(_error_samples(entry, torch.float32)))]
+_ERROR_IDS = [_error_id(entry, i, _error_samples(entry, torch.float32)[i]) for entry, i in _ERRORS]
+assert all(any(i.startswith(f"{entry}-") for i in _ERROR_IDS) for entry in ENTRIES), _ERROR_IDS
 
-each_sample = pytest.mark.parametrize("index", range(len(_SAMPLE_IDS)), ids=_SAMPLE_IDS)
+each_sample = pytest.mark.parametrize("entry,index", _SAMPLES, ids=_SAMPLE_IDS)
+each_entry = pytest.mark.parametrize("entry", list(ENTRIES))
 each_dtype = pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 
 
@@ -160,29 +173,31 @@ def _ctor(sample):
     return sample.constructor_input.args, dict(sample.constructor_input.kwargs)
 
 
-def _fast(sample, backend, **extra):
+def _fast(entry, sample, backend, **extra):
     args, kwargs = _ctor(sample)
-    return fastrnn.RNN(*args, backend=backend, **kwargs, **extra)
+    return ENTRIES[entry][2](*args, backend=backend, **kwargs, **extra)
 
 
-def _stock(sample, **extra):
+def _stock(entry, sample, **extra):
     args, kwargs = _ctor(sample)
-    return torch.nn.RNN(*args, **kwargs, **extra)
+    return ENTRIES[entry][1](*args, **kwargs, **extra)
 
 
-def _pair(sample, backend, dtype, training=True):
-    """A stock nn.RNN and a fastrnn.RNN from the sample's constructor input, same parameters."""
+def _pair(entry, sample, backend, dtype, training=True):
+    """A stock torch module and its fastrnn twin from the sample's constructor input, same
+    parameters."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        stock = _stock(sample).to(dtype).train(training)
-    fast = _fast(sample, backend).to(dtype).train(training)
+        stock = _stock(entry, sample).to(dtype).train(training)
+    fast = _fast(entry, sample, backend).to(dtype).train(training)
     _copy_parameters(stock, fast)
     return stock, fast
 
 
 def _copy_parameters(source, target):
-    # Not load_state_dict: with swap_module_params_on_conversion on, it swaps tensors, which
-    # nn.RNN's parameters refuse (RNNBase keeps weakrefs to them); .to()/to_empty() are exempt.
+    # Not load_state_dict: with swap_module_params_on_conversion on, it swaps tensors, which the
+    # parameters of nn.RNN and nn.GRU refuse (RNNBase keeps weakrefs to them); .to()/to_empty()
+    # are exempt.
     with torch.no_grad():
         for (name, p), (other, q) in zip(source.named_parameters(), target.named_parameters()):
             assert name == other
@@ -260,13 +275,15 @@ def test_importing_module_db_leaves_global_state_alone():
     assert not torch.backends.flags_frozen()
 
 
-def test_module_info_is_as_expected():
+@each_entry
+def test_module_info_is_as_expected(entry):
     """The flags that choose which checks below apply (as test_modules.py reads them)."""
-    assert RNN_INFO.train_and_eval_differ  # -> checks run in train and eval mode (gradchecks: see there)
-    assert RNN_INFO.supports_gradgrad  # -> gradgradcheck applies
-    assert not RNN_INFO.is_lazy  # -> to_empty / to apply
-    assert RNN_INFO.module_error_inputs_func is not None  # -> error inputs apply
-    assert set(RNN_INFO.dtypes) == set(DTYPES)
+    info = _info(entry)
+    assert info.train_and_eval_differ  # -> checks run in train and eval mode (gradchecks: see there)
+    assert info.supports_gradgrad  # -> gradgradcheck applies
+    assert not info.is_lazy  # -> to_empty / to apply
+    assert info.module_error_inputs_func is not None  # -> error inputs apply
+    assert set(info.dtypes) == set(DTYPES)
 
 
 # --- forward ----------------------------------------------------------------------------------
@@ -274,16 +291,16 @@ def test_module_info_is_as_expected():
 
 @each_sample
 @each_dtype
-def test_forward(index, dtype, backend):
-    sample = _samples(dtype)[index]  # (module_db's RNN samples do not depend on the mode)
+def test_forward(entry, index, dtype, backend):
+    sample = _samples(entry, dtype)[index]  # (module_db's RNN/GRU samples do not depend on the mode)
     args = sample.forward_input.args
-    stock, fast = _pair(sample, backend, dtype)
+    stock, fast = _pair(entry, sample, backend, dtype)
     tol = tolerance(dtype, _seq_len(sample))
     for mode in ("train", "eval"):
         stock.train(mode == "train")
         fast.train(mode == "train")
         outputs = fast(*args)
-        _assert_outputs(outputs, stock(*args), tol, f"{mode}: vs stock nn.RNN")
+        _assert_outputs(outputs, stock(*args), tol, f"{mode}: vs stock nn.{entry}")
         # The sample's reference: the same module run on the input as a batch of one.
         # (ModuleInput wraps reference_fn so that it passes the parameters itself.)
         reference = sample.reference_fn(fast, *args, **sample.forward_input.kwargs)
@@ -299,24 +316,24 @@ def test_forward(index, dtype, backend):
 @each_sample
 @each_dtype
 @pytest.mark.parametrize("device", ["cpu", "meta"])
-def test_factory_kwargs(index, dtype, device, backend):
-    sample = _samples()[index]
-    fast = _fast(sample, backend, device=device, dtype=dtype)
-    assert isinstance(fast, fastrnn.RNN) and len(list(fast.parameters())) > 0
-    _assert_same_metadata(fast, _stock(sample, device=device, dtype=dtype), device)
+def test_factory_kwargs(entry, index, dtype, device, backend):
+    sample = _samples(entry)[index]
+    fast = _fast(entry, sample, backend, device=device, dtype=dtype)
+    assert type(fast) is ENTRIES[entry][2] and len(list(fast.parameters())) > 0
+    _assert_same_metadata(fast, _stock(entry, sample, device=device, dtype=dtype), device)
 
 
 @each_sample
-def test_device_ctx_init(index, backend):
+def test_device_ctx_init(entry, index, backend):
     """Built under ``with torch.device("meta")``: meta parameters with the metadata of a CPU
-    build; and a forward on meta tensors gives the shapes and dtypes stock nn.RNN gives."""
-    sample = _samples()[index]
+    build; and a forward on meta tensors gives the shapes and dtypes the stock module gives."""
+    sample = _samples(entry)[index]
     with torch.device("meta"):
-        meta_sample = _samples(torch.float32, device=None)[index]  # a float32 module, as built
-        fast = _fast(meta_sample, backend)
-        stock = _stock(meta_sample)
+        meta_sample = _samples(entry, torch.float32, device=None)[index]  # a float32 module, as built
+        fast = _fast(entry, meta_sample, backend)
+        stock = _stock(entry, meta_sample)
     assert all(p.is_meta for p in fast.parameters())
-    _assert_same_metadata(fast, _fast(sample, backend), "meta")
+    _assert_same_metadata(fast, _fast(entry, sample, backend), "meta")
     args = meta_sample.forward_input.args
     assert all(a.is_meta for a in args)
     out, h_n = fast(*args)
@@ -327,11 +344,11 @@ def test_device_ctx_init(index, backend):
 
 
 @each_sample
-def test_to_empty(index, swap, backend):
+def test_to_empty(entry, index, swap, backend):
     dtype = torch.float32  # test_modules.py runs this one at float32 only
     with torch.device("meta"):
-        sample = _samples(dtype, device=None)[index]
-        fast = _fast(sample, backend)
+        sample = _samples(entry, dtype, device=None)[index]
+        fast = _fast(entry, sample, backend)
     ids = [id(p) for p in fast.parameters()]
     cdatas = [p._cdata for p in fast.parameters()]
     fast.to_empty(device="cpu")
@@ -342,9 +359,9 @@ def test_to_empty(index, swap, backend):
         assert [id(p) for p in params] == ids
     else:  # new Parameter objects
         assert all(a != b for a, b in zip(ids, (id(p) for p in params)))
-    # Beyond test_modules.py: the materialized module computes what stock nn.RNN does once loaded.
-    cpu_sample = _samples(dtype)[index]
-    stock, _ = _pair(cpu_sample, backend, dtype)
+    # Beyond test_modules.py: the materialized module computes what the stock one does once loaded.
+    cpu_sample = _samples(entry, dtype)[index]
+    stock, _ = _pair(entry, cpu_sample, backend, dtype)
     _copy_parameters(stock, fast)
     args = cpu_sample.forward_input.args
     _assert_outputs(fast(*args), stock(*args), tolerance(dtype, _seq_len(cpu_sample)), "after to_empty")
@@ -352,11 +369,12 @@ def test_to_empty(index, swap, backend):
 
 @each_sample
 @pytest.mark.parametrize("set_grad", [False, True], ids=["no_grad", "with_grad"])
-def test_to(index, swap, set_grad, backend):
+def test_to(entry, index, swap, set_grad, backend):
     dtype = torch.float32  # test_modules.py runs this one at float32 only
-    sample = _samples(dtype)[index]
+    info = _info(entry)
+    sample = _samples(entry, dtype)[index]
     args = sample.forward_input.args
-    fast = _fast(sample, backend)
+    fast = _fast(entry, sample, backend)
     # Put the parameters on the device/dtype without Module.to (which is what is tested).
     for name, p in list(fast.named_parameters()):
         new = torch.nn.Parameter(p.detach().clone().to("cpu", dtype))
@@ -370,7 +388,7 @@ def test_to(index, swap, set_grad, backend):
         fast.to(dtype=torch.float32)
 
     previous = ("cpu", dtype)
-    for device_, dtype_ in itertools.product(["cpu"], RNN_INFO.dtypes):
+    for device_, dtype_ in itertools.product(["cpu"], info.dtypes):
         grads_unchanged = (device_, dtype_) == previous
         previous = (device_, dtype_)
         params = list(fast.parameters())
@@ -396,10 +414,10 @@ def test_to(index, swap, set_grad, backend):
                 assert [p.grad._cdata for p in params] == grad_cdatas
                 assert [id(p.grad) for p in params] == grad_ids
 
-    # Beyond test_modules.py: after the conversions the module computes what stock nn.RNN does.
-    final_dtype = RNN_INFO.dtypes[-1]
-    converted = _samples(final_dtype)[index]
-    stock = _stock(converted).to(final_dtype)
+    # Beyond test_modules.py: after the conversions the module computes what the stock one does.
+    final_dtype = info.dtypes[-1]
+    converted = _samples(entry, final_dtype)[index]
+    stock = _stock(entry, converted).to(final_dtype)
     _copy_parameters(fast, stock)
     _assert_outputs(
         fast(*converted.forward_input.args),
@@ -410,9 +428,11 @@ def test_to(index, swap, set_grad, backend):
 
 
 @each_sample
-def test_repr(index, backend):
-    fast = _fast(_samples()[index], backend).to(torch.float64)
+def test_repr(entry, index, backend):
+    sample = _samples(entry)[index]
+    fast = _fast(entry, sample, backend).to(torch.float64)
     assert isinstance(repr(fast), str) and isinstance(str(fast), str)
+    assert repr(fast) == repr(_stock(entry, sample)), "the same repr as the stock module"
 
 
 # --- pickling ---------------------------------------------------------------------------------
@@ -420,10 +440,10 @@ def test_repr(index, backend):
 
 @each_sample
 @each_dtype
-def test_pickle(index, dtype, backend):
-    sample = _samples(dtype)[index]
+def test_pickle(entry, index, dtype, backend):
+    sample = _samples(entry, dtype)[index]
     args = sample.forward_input.args
-    stock, fast = _pair(sample, backend, dtype)
+    stock, fast = _pair(entry, sample, backend, dtype)
     for mode in ("train", "eval"):
         stock.train(mode == "train")
         fast.train(mode == "train")
@@ -432,13 +452,13 @@ def test_pickle(index, dtype, backend):
         torch.save(fast, buffer)
         buffer.seek(0)
         copy = torch.load(buffer, weights_only=False)
-        assert type(copy) is fastrnn.RNN and copy.backend == backend and copy.training == (mode == "train")
+        assert type(copy) is ENTRIES[entry][2] and copy.backend == backend and copy.training == (mode == "train")
         copy_outputs = copy(*args)
         for a, e in zip(copy_outputs, outputs):
             where = f"{mode}: unpickled vs original"
             torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m, where=where: f"{where}: {m}")
         _assert_outputs(
-            copy_outputs, stock(*args), tolerance(dtype, _seq_len(sample)), f"{mode}: unpickled vs stock nn.RNN"
+            copy_outputs, stock(*args), tolerance(dtype, _seq_len(sample)), f"{mode}: unpickled vs stock nn.{entry}"
         )
 
 
@@ -447,14 +467,14 @@ def test_pickle(index, dtype, backend):
 
 @each_sample
 @each_dtype
-def test_non_contiguous_tensors(index, dtype, backend):
+def test_non_contiguous_tensors(entry, index, dtype, backend):
     """Inputs and upstream gradients at stride 2 (each combination with contiguous ones, as
     test_modules.py does), then (beyond it) parameters at stride 2 too: the outputs and gradients
-    of contiguous tensors, and stock nn.RNN's; in training and eval mode (which gradients only
+    of contiguous tensors, and the stock module's; in training and eval mode (which gradients only
     this test compares in)."""
-    sample = _samples(dtype, requires_grad=True)[index]
+    sample = _samples(entry, dtype, requires_grad=True)[index]
     args = sample.forward_input.args
-    stock, fast = _pair(sample, backend, dtype)
+    stock, fast = _pair(entry, sample, backend, dtype)
     names = _grad_names(fast, args)
     tol = tolerance(dtype, _seq_len(sample))
     nc_args = tuple(_non_contiguous(a) for a in args)
@@ -471,7 +491,7 @@ def test_non_contiguous_tensors(index, dtype, backend):
         grad_out = _grad_outputs(stock(*args))
         nc_grad_out = tuple(_non_contiguous(g) for g in grad_out)
         default = _forward_backward(fast, args, grad_out)
-        check(f"{mode}, contiguous: vs stock nn.RNN", default, _forward_backward(stock, args, grad_out))
+        check(f"{mode}, contiguous: vs stock nn.{entry}", default, _forward_backward(stock, args, grad_out))
         for (in_what, in_args), (g_what, g_out) in [
             (("non-contiguous input", nc_args), ("contiguous grad_output", grad_out)),
             (("contiguous input", args), ("non-contiguous grad_output", nc_grad_out)),
@@ -489,18 +509,18 @@ def test_non_contiguous_tensors(index, dtype, backend):
         grad_out = tuple(_non_contiguous(g) for g in _grad_outputs(stock(*args)))
         got = _forward_backward(fast, nc_args, grad_out)
         what = f"{mode}, non-contiguous parameters, input and grad_output"
-        check(f"{what}: vs stock nn.RNN", got, _forward_backward(stock, nc_args, grad_out))
+        check(f"{what}: vs stock nn.{entry}", got, _forward_backward(stock, nc_args, grad_out))
 
 
 @each_sample
 @each_dtype
-def test_memory_format(index, dtype, backend):
+def test_memory_format(entry, index, dtype, backend):
     """As test_modules.py runs it for 2-D inputs (contiguous format only; the backward part in
     training mode): same outputs and gradients under module.to(memory_format=...), all of them
     contiguous."""
-    sample = _samples(dtype, requires_grad=True)[index]
+    sample = _samples(entry, dtype, requires_grad=True)[index]
     args = sample.forward_input.args
-    _, fast = _pair(sample, backend, dtype, training=True)
+    _, fast = _pair(entry, sample, backend, dtype, training=True)
     leaves = list(args) + list(fast.parameters())
     desired = fast(*args)
     grad_out = _grad_outputs(desired)
@@ -555,27 +575,28 @@ def _check_gradients(check, module, args, partials=True):
 
 
 # In training mode only, where test_modules.py runs both: every sample has dropout=0, and the
-# training flag gates nothing else; gradients in eval mode are compared with stock nn.RNN's by
+# training flag gates nothing else; gradients in eval mode are compared with the stock module's by
 # test_non_contiguous_tensors.
 
 
 @each_sample
-def test_gradcheck(index, backend):
-    sample = _samples(torch.float64, requires_grad=True)[index]
-    _, fast = _pair(sample, backend, torch.float64)
+def test_gradcheck(entry, index, backend):
+    sample = _samples(entry, torch.float64, requires_grad=True)[index]
+    _, fast = _pair(entry, sample, backend, torch.float64)
     _check_gradients(torch.autograd.gradcheck, fast, sample.forward_input.args)
 
 
 _WITH_HX = [i for i, name in enumerate(_SAMPLE_IDS) if name.endswith("-hx")]
 
 
-@pytest.mark.parametrize("index", _WITH_HX, ids=[_SAMPLE_IDS[i] for i in _WITH_HX])
-def test_gradgradcheck(index, backend):
-    # The 16 samples that pass hx (so input, hx and every parameter are differentiated; the other
-    # 16 differ only in hx=None and hidden_size 2), with respect to all of them together only: at
-    # 0.5 s a check (2 cores), the partials or the other 16 would double the file's runtime.
-    sample = _samples(torch.float64, requires_grad=True)[index]
-    _, fast = _pair(sample, backend, torch.float64)
+@pytest.mark.parametrize("entry,index", [_SAMPLES[i] for i in _WITH_HX], ids=[_SAMPLE_IDS[i] for i in _WITH_HX])
+def test_gradgradcheck(entry, index, backend):
+    # The samples that pass hx (so input, hx and every parameter are differentiated; the others
+    # differ only in hx=None and hidden_size 2: 16 of 32 for RNN, 8 of 16 for GRU), with respect
+    # to all of them together only: at 0.5 s a check (2 cores), the partials or the other samples
+    # would double the file's runtime.
+    sample = _samples(entry, torch.float64, requires_grad=True)[index]
+    _, fast = _pair(entry, sample, backend, torch.float64)
     _check_gradients(torch.autograd.gradgradcheck, fast, sample.forward_input.args, partials=False)
 
 
@@ -583,17 +604,17 @@ def test_gradgradcheck(index, backend):
 
 
 @each_sample
-def test_if_train_and_eval_modes_differ(index, backend):
+def test_if_train_and_eval_modes_differ(entry, index, backend):
     """Without its ``training`` attribute the module may fail only by reading it, which the
     ModuleInfo entry must then declare (it does: train_and_eval_differ=True)."""
-    sample = _samples()[index]
-    fast = _fast(sample, backend).to(torch.float64)
+    sample = _samples(entry)[index]
+    fast = _fast(entry, sample, backend).to(torch.float64)
     del fast.training
     try:
         fast(*sample.forward_input.args)
     except AttributeError as error:
         assert "'training'" in str(error), error
-        assert RNN_INFO.train_and_eval_differ
+        assert _info(entry).train_and_eval_differ
 
 
 def _raised(make, call=None):
@@ -606,12 +627,12 @@ def _raised(make, call=None):
     return None
 
 
-@pytest.mark.parametrize("index", range(len(_ERROR_IDS)), ids=_ERROR_IDS)
+@pytest.mark.parametrize("entry,index", _ERRORS, ids=_ERROR_IDS)
 @each_dtype
-def test_errors(index, dtype, backend):
+def test_errors(entry, index, dtype, backend):
     """module_error_inputs_func: the type and message regex PyTorch expects, and the same type and
-    message as stock nn.RNN."""
-    error_input = _error_samples(dtype)[index]
+    message as the stock module."""
+    error_input = _error_samples(entry, dtype)[index]
     sample = error_input.module_error_input
     if error_input.error_on == ModuleErrorEnum.CONSTRUCTION_ERROR:
         call = None
@@ -621,10 +642,10 @@ def test_errors(index, dtype, backend):
             module(*sample.forward_input.args, **sample.forward_input.kwargs)
     else:
         raise NotImplementedError(error_input.error_on)
-    expected = _raised(lambda: _stock(sample), call)
-    got = _raised(lambda: _fast(sample, backend), call)
-    assert isinstance(expected, error_input.error_type), f"stock nn.RNN raised {expected!r}"
-    assert got is not None, f"fastrnn.RNN raised nothing; expected {error_input.error_type.__name__}"
-    assert isinstance(got, error_input.error_type), f"fastrnn.RNN raised {got!r}"
+    expected = _raised(lambda: _stock(entry, sample), call)
+    got = _raised(lambda: _fast(entry, sample, backend), call)
+    assert isinstance(expected, error_input.error_type), f"stock nn.{entry} raised {expected!r}"
+    assert got is not None, f"fastrnn.{entry} raised nothing; expected {error_input.error_type.__name__}"
+    assert isinstance(got, error_input.error_type), f"fastrnn.{entry} raised {got!r}"
     assert re.search(error_input.error_regex, str(got)), f"{str(got)!r} !~ {error_input.error_regex!r}"
     assert type(got) is type(expected) and str(got) == str(expected), f"{got!r} != stock {expected!r}"

@@ -1,28 +1,79 @@
-"""fastrnn.RNN against torch.nn.RNN: outputs, h_n and every gradient, over every option."""
+"""fastrnn.RNN and fastrnn.GRU against torch.nn.RNN and torch.nn.GRU: outputs, h_n and every
+gradient, over every option."""
 
+import collections
 import itertools
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pack_sequence, pad_packed_sequence
 
+import fastrnn
+from fastrnn import backends
 from helpers import assert_close, compare, tolerance, twins
 
 pytestmark = pytest.mark.usefixtures("layer_kernels")
 
-OPTIONS = list(itertools.product(["tanh", "relu"], [True, False], [False, True], [1, 3], [False, True], [False, True]))
+RNN, GRU = (torch.nn.RNN, fastrnn.RNN), (torch.nn.GRU, fastrnn.GRU)
+# Each test that is about the module runs on every (torch class, fastrnn class) pair.
+CLASSES = [pytest.param(RNN, id="RNN"), pytest.param(GRU, id="GRU")]
+# Tests about the cell's arithmetic run the RNN's nonlinearities too: (classes, extra kwargs).
+CELLS = [
+    pytest.param(RNN, {"nonlinearity": "tanh"}, id="RNN-tanh"),
+    pytest.param(RNN, {"nonlinearity": "relu"}, id="RNN-relu"),
+    pytest.param(GRU, {}, id="GRU"),
+]
 
 
-@pytest.mark.parametrize("nonlinearity,bias,batch_first,num_layers,bidirectional,with_hx", OPTIONS)
-def test_every_option_float64(nonlinearity, bias, batch_first, num_layers, bidirectional, with_hx):
-    ref, fast = twins(
+def pair(classes, *args, **kwargs):
+    """twins() of the torch class, checked to be the fastrnn class named with it."""
+    ref_cls, fast_cls = classes
+    ref, fast = twins(*args, cls=ref_cls, **kwargs)
+    assert type(ref) is ref_cls and type(fast) is fast_cls
+    return ref, fast
+
+
+@pytest.mark.parametrize("classes", CLASSES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_fused_kernels_run(classes, packed, layer_kernels, monkeypatch):
+    """What this file compares is the kernels' work, not a silent fallback to torch: each layer
+    runs through the launchers of the path under test, forward and backward."""
+    ref, fast = pair(classes, 4, 5, num_layers=2, bidirectional=True)
+    kernels = backends.kernels("numba", fast.mode)
+    calls = collections.Counter()
+    for name in ("forward", "backward", "layer_forward", "layer_backward"):
+        launcher = getattr(kernels, name)
+
+        def counted(*args, _name=name, _launcher=launcher):
+            calls[_name] += 1
+            return _launcher(*args)
+
+        monkeypatch.setattr(kernels, name, counted)
+    if packed:
+        x = pack_sequence(_packed_case(False), enforce_sorted=False)
+        out, h_n = fast(x)
+        (out.data.sum() + h_n.sum()).backward()
+    else:
+        compare(ref, fast, torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True))
+    names = ("forward", "backward") if layer_kernels == "split" else ("layer_forward", "layer_backward")
+    assert calls == dict.fromkeys(names, 2), calls
+
+
+OPTIONS = list(itertools.product([True, False], [False, True], [1, 3], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("classes,cell_kwargs", CELLS)
+@pytest.mark.parametrize("bias,batch_first,num_layers,bidirectional,with_hx", OPTIONS)
+def test_every_option_float64(classes, cell_kwargs, bias, batch_first, num_layers, bidirectional, with_hx):
+    ref, fast = pair(
+        classes,
         4,
         6,
         num_layers=num_layers,
-        nonlinearity=nonlinearity,
         bias=bias,
         batch_first=batch_first,
         bidirectional=bidirectional,
+        **cell_kwargs,
     )
     T, B = 5, 3
     x = torch.randn((B, T, 4) if batch_first else (T, B, 4), dtype=torch.float64, requires_grad=True)
@@ -34,27 +85,38 @@ def test_every_option_float64(nonlinearity, bias, batch_first, num_layers, bidir
     compare(ref, fast, x, hx)
 
 
+@pytest.mark.parametrize("classes", CLASSES)
 @pytest.mark.parametrize("T", [1, 15, 63, 300])
 @pytest.mark.parametrize("B,H", [(1, 1), (4, 17), (3, 130)])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_lengths_and_sizes_float32(T, B, H, bidirectional):
-    ref, fast = twins(7, H, bidirectional=bidirectional, dtype=torch.float32)
+def test_lengths_and_sizes_float32(classes, T, B, H, bidirectional):
+    ref, fast = pair(classes, 7, H, bidirectional=bidirectional, dtype=torch.float32)
     x = torch.randn(T, B, 7, requires_grad=True)
     hx = torch.randn(1 + bidirectional, B, H, requires_grad=True)
     compare(ref, fast, x, hx)
 
 
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_large_hidden_uses_blas_path(nonlinearity):
-    ref, fast = twins(33, 512, bidirectional=True, nonlinearity=nonlinearity, dtype=torch.float32)
+@pytest.mark.parametrize("classes", CLASSES)
+@pytest.mark.parametrize("I,H,num_layers", [(1, 2, 2), (5, 3, 2), (9, 65, 1), (3, 129, 1)])
+def test_odd_sizes_float64(classes, I, H, num_layers):
+    ref, fast = pair(classes, I, H, num_layers=num_layers, bidirectional=True)
+    x = torch.randn(11, 5, I, dtype=torch.float64, requires_grad=True)
+    hx = torch.randn(2 * num_layers, 5, H, dtype=torch.float64, requires_grad=True)
+    compare(ref, fast, x, hx)
+
+
+@pytest.mark.parametrize("classes,cell_kwargs", CELLS)
+def test_large_hidden_uses_blas_path(classes, cell_kwargs):
+    ref, fast = pair(classes, 33, 512, bidirectional=True, dtype=torch.float32, **cell_kwargs)
     compare(ref, fast, torch.randn(6, 130, 33, requires_grad=True))
 
 
+@pytest.mark.parametrize("classes", CLASSES)
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_gradients_accumulate_and_scale_in_place_like_torch(bidirectional):
+def test_gradients_accumulate_and_scale_in_place_like_torch(classes, bidirectional):
     """Every .grad is its own tensor: accumulating a second backward or scaling in place (as
     gradient clipping does) must touch each parameter once."""
-    ref, fast = twins(4, 5, num_layers=2, bidirectional=bidirectional)
+    ref, fast = pair(classes, 4, 5, num_layers=2, bidirectional=bidirectional)
     x = torch.randn(6, 3, 4, dtype=torch.float64)
     for module in (ref, fast):
         for _ in range(2):
@@ -65,25 +127,31 @@ def test_gradients_accumulate_and_scale_in_place_like_torch(bidirectional):
         assert_close(p.grad, q.grad, 1e-10, name)
 
 
-def test_unbatched_input():
-    ref, fast = twins(4, 5, num_layers=2, bidirectional=True)
+@pytest.mark.parametrize("classes", CLASSES)
+def test_unbatched_input(classes):
+    ref, fast = pair(classes, 4, 5, num_layers=2, bidirectional=True)
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     compare(ref, fast, x, seq_len=6)
     compare(ref, fast, x, torch.randn(4, 5, dtype=torch.float64, requires_grad=True), seq_len=6)
 
 
-def test_unbatched_batch_first_is_ignored():
-    ref, fast = twins(4, 5, batch_first=True)
+@pytest.mark.parametrize("classes", CLASSES)
+def test_unbatched_batch_first_is_ignored(classes):
+    ref, fast = pair(classes, 4, 5, batch_first=True)
     compare(ref, fast, torch.randn(6, 4, dtype=torch.float64, requires_grad=True), seq_len=6)
 
 
+@pytest.mark.parametrize("classes", CLASSES)
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_batch_size_zero(batch_first):
-    ref, fast = twins(4, 5, num_layers=2, bidirectional=True, batch_first=batch_first)
-    x = torch.randn((0, 3, 4) if batch_first else (3, 0, 4), dtype=torch.float64)
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_batch_size_zero(classes, batch_first, with_hx):
+    ref, fast = pair(classes, 4, 5, num_layers=2, bidirectional=True, batch_first=batch_first)
+    x = torch.randn((0, 3, 4) if batch_first else (3, 0, 4), dtype=torch.float64, requires_grad=True)
+    hx = torch.randn(4, 0, 5, dtype=torch.float64, requires_grad=True) if with_hx else None
     o1, h1 = ref(x)
     o2, h2 = fast(x)
     assert o1.shape == o2.shape and h1.shape == h2.shape
+    compare(ref, fast, x, hx, seq_len=3)
 
 
 def _packed_case(enforce_sorted, lengths=(6, 4, 4, 1, 3)):
@@ -92,11 +160,12 @@ def _packed_case(enforce_sorted, lengths=(6, 4, 4, 1, 3)):
     return [torch.randn(n, 4, dtype=torch.float64) for n in lengths]
 
 
+@pytest.mark.parametrize("classes", CLASSES)
 @pytest.mark.parametrize("enforce_sorted", [True, False])
 @pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)])
 @pytest.mark.parametrize("with_hx", [False, True])
-def test_packed_sequence(enforce_sorted, num_layers, bidirectional, with_hx):
-    ref, fast = twins(4, 5, num_layers=num_layers, bidirectional=bidirectional)
+def test_packed_sequence(classes, enforce_sorted, num_layers, bidirectional, with_hx):
+    ref, fast = pair(classes, 4, 5, num_layers=num_layers, bidirectional=bidirectional)
     seqs = _packed_case(enforce_sorted)
     hx = torch.randn(num_layers * (1 + bidirectional), len(seqs), 5, dtype=torch.float64) if with_hx else None
     results = []
@@ -122,8 +191,9 @@ def test_packed_sequence(enforce_sorted, num_layers, bidirectional, with_hx):
         assert_close(a, b, 1e-9, f"grad {i}")
 
 
-def test_packed_from_padded_batch_first():
-    ref, fast = twins(4, 5, batch_first=True, bidirectional=True)
+@pytest.mark.parametrize("classes", CLASSES)
+def test_packed_from_padded_batch_first(classes):
+    ref, fast = pair(classes, 4, 5, batch_first=True, bidirectional=True)
     x = torch.randn(3, 7, 4, dtype=torch.float64)
     packed = pack_padded_sequence(x, torch.tensor([2, 7, 5]), batch_first=True, enforce_sorted=False)
     o1, h1 = ref(packed)
@@ -132,9 +202,10 @@ def test_packed_from_padded_batch_first():
     assert_close(h2, h1, 1e-12, "h_n")
 
 
+@pytest.mark.parametrize("classes", CLASSES)
 @pytest.mark.parametrize("packed", [False, True])
-def test_dropout_reproduces_torch_masks(packed):
-    ref, fast = twins(4, 6, num_layers=3, dropout=0.4, bidirectional=True)
+def test_dropout_reproduces_torch_masks(classes, packed):
+    ref, fast = pair(classes, 4, 6, num_layers=3, dropout=0.4, bidirectional=True)
     ref.train(), fast.train()
     if packed:
         seqs = _packed_case(False)
@@ -161,17 +232,51 @@ def test_dropout_reproduces_torch_masks(packed):
     assert_close(results[1][1], results[0][1], 1e-12, "h_n")
     for a, b in zip(results[1][2], results[0][2]):
         assert_close(a, b, 1e-10, "grad")
+    # And the masks are drawn, not fixed: another seed gives another output.
+    torch.manual_seed(8)
+    assert not torch.equal(fast(x)[0], results[1][0])
 
 
-def test_eval_mode_disables_dropout_and_backward_works():
-    ref, fast = twins(4, 6, num_layers=2, dropout=0.5)
+@pytest.mark.parametrize("classes", CLASSES)
+def test_eval_mode_disables_dropout_and_backward_works(classes):
+    ref, fast = pair(classes, 4, 6, num_layers=2, dropout=0.5)
     ref.eval(), fast.eval()
     compare(ref, fast, torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True))
 
 
+@pytest.mark.parametrize("classes", CLASSES)
+@pytest.mark.parametrize(
+    "num_layers,bidirectional,bias,packed", [(1, False, True, False), (2, True, False, False), (2, True, True, True)]
+)
+def test_gradcheck_and_gradgradcheck(classes, num_layers, bidirectional, bias, packed):
+    """Numerical against analytical gradients of the outputs with respect to the input, h0 and
+    every parameter at once (tiny float64 shapes); second derivatives (which run torch's twin)
+    too."""
+    _, fast = pair(classes, 2, 3, num_layers=num_layers, bidirectional=bidirectional, bias=bias)
+    hx = torch.randn(num_layers * (1 + bidirectional), 3, 3, dtype=torch.float64, requires_grad=True)
+    if packed:
+        sequences = pack_sequence([torch.randn(n, 2, dtype=torch.float64) for n in (2, 4, 1)], enforce_sorted=False)
+        x = sequences.data.clone().requires_grad_()
+
+        def run(data, h, *params):
+            out, h_n = fast(PackedSequence(data, *sequences[1:]), h)
+            return out.data, h_n
+    else:
+        x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+
+        def run(data, h, *params):
+            return fast(data, h)
+
+    inputs = (x, hx, *fast.parameters())
+    # The whole Jacobian for one layer; a random projection of it for the stacks (7 s a check).
+    assert torch.autograd.gradcheck(run, inputs, fast_mode=num_layers > 1)
+    assert torch.autograd.gradgradcheck(run, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("classes", CLASSES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_on_cpu_matches_torch_exactly(dtype):
-    ref, fast = twins(4, 6, dtype=dtype)
+def test_half_precision_on_cpu_matches_torch_exactly(classes, dtype):
+    ref, fast = pair(classes, 4, 6, dtype=dtype)
     x = torch.randn(5, 3, 4, dtype=dtype)
     try:
         expected = ref(x)
@@ -183,9 +288,9 @@ def test_half_precision_on_cpu_matches_torch_exactly(dtype):
     assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
 
 
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_nan_propagates_like_torch(nonlinearity):
-    ref, fast = twins(3, 4, nonlinearity=nonlinearity)
+@pytest.mark.parametrize("classes,cell_kwargs", CELLS)
+def test_nan_propagates_like_torch(classes, cell_kwargs):
+    ref, fast = pair(classes, 3, 4, **cell_kwargs)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     x[-1, 0, 0] = float("nan")
     results = []
@@ -201,20 +306,23 @@ def test_nan_propagates_like_torch(nonlinearity):
     assert_close(g2[finite], g1[finite], 1e-10, "grad x")
 
 
-def test_inference_under_no_grad_and_tolerance_helper_is_strict():
-    ref, fast = twins(3, 4, dtype=torch.float32)
+@pytest.mark.parametrize("classes", CLASSES)
+def test_inference_under_no_grad_and_tolerance_helper_is_strict(classes):
+    ref, fast = pair(classes, 3, 4, dtype=torch.float32)
     x = torch.randn(10, 2, 3)
     with torch.no_grad():
         o1, h1 = ref(x)
         o2, h2 = fast(x)
     assert not o2.requires_grad
     assert_close(o2, o1, tolerance(torch.float32, 10))
+    assert_close(h2, h1, tolerance(torch.float32, 10))
     with pytest.raises(AssertionError):
         assert_close(o2 + 1e-3, o1, tolerance(torch.float32, 10))
 
 
-def test_inference_mode_and_functional_call():
-    ref, fast = twins(4, 6, num_layers=2, batch_first=True)
+@pytest.mark.parametrize("classes", CLASSES)
+def test_inference_mode_and_functional_call(classes):
+    ref, fast = pair(classes, 4, 6, num_layers=2, batch_first=True)
     x = torch.randn(3, 5, 4, dtype=torch.float64)
     with torch.inference_mode():
         assert_close(fast(x)[0], ref(x)[0], 1e-12, "inference_mode output")
@@ -225,9 +333,10 @@ def test_inference_mode_and_functional_call():
     assert_close(actual[1], expected[1], 1e-12, "functional_call h_n")
 
 
+@pytest.mark.parametrize("classes", CLASSES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_runs_like_torch(dtype):
-    ref, fast = twins(3, 4, num_layers=2, dtype=torch.float32)
+def test_autocast_runs_like_torch(classes, dtype):
+    ref, fast = pair(classes, 3, 4, num_layers=2, dtype=torch.float32)
     x = torch.randn(5, 2, 3)
     results = []
     for module in (ref, fast):
@@ -245,8 +354,9 @@ def test_autocast_runs_like_torch(dtype):
     assert o1.dtype == o2.dtype and torch.equal(o1, o2) and torch.equal(h1, h2)
 
 
-def test_torch_func_grad_runs_like_torch():
-    ref, fast = twins(3, 4)
+@pytest.mark.parametrize("classes", CLASSES)
+def test_torch_func_grad_runs_like_torch(classes):
+    ref, fast = pair(classes, 3, 4)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     grads = [torch.func.grad(lambda inp, m=m: m(inp)[0].square().sum())(x) for m in (ref, fast)]
     assert_close(grads[1], grads[0], 1e-12, "torch.func.grad")

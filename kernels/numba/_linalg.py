@@ -86,6 +86,16 @@ def row_dots(v, w_rows, out):
         out[j] = s
 
 
+@njit(inline="always", **_JIT)
+def recurrent_product(h, w_hh, w_hh_t, d, live, use_blas, out):
+    """out[:live] = h[:live] @ W_hh[d]^T, the step's product: row dots against W_hh for a lone
+    row, else rows against the transposed copy (hand loop or BLAS)."""
+    if live == 1:
+        row_dots(h[0], w_hh[d], out[0])
+    else:
+        matmul(h[:live], w_hh_t[d], out[:live], use_blas)
+
+
 @njit(**_JIT)
 def transposed(w):
     """w[d].T for every direction, contiguous: several rows h @ W_hh^T are multiplied row-wise.

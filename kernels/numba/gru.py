@@ -12,7 +12,7 @@ import torch
 from numba import njit, prange
 
 from . import _runtime as rt
-from ._linalg import layer_gradients, matmul, project, row_dots, transposed_for_rows
+from ._linalg import layer_gradients, matmul, project, recurrent_product, transposed_for_rows
 from ._runtime import JIT as _JIT
 from .fast_tanh import tanh_float32, tanh_float64
 
@@ -47,10 +47,7 @@ def _fwd_task(proj, w_hh, w_hh_t, b_hh, h0, lengths, single, d, b0, stride, rows
     bias = b_hh[d]
     for step in range(longest):
         live = rt.live_rows(lengths, b0, stride, rows, step, descending)
-        if live == 1:
-            row_dots(h[0], w_hh[d], acc[0])
-        else:
-            matmul(h[:live], w_hh_t[d], acc[:live], use_blas)
+        recurrent_product(h, w_hh, w_hh_t, d, live, use_blas, acc)
         for i in range(live):
             b = b0 + i * stride
             length = lengths[b]

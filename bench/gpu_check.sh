@@ -75,8 +75,8 @@ step "triton kernel timing" 60 "$OUT/kernel_timing.txt" "$PY" -m fastrnn.bench.g
 
 # fwd + bwd launches under ncu: on-chip fp32 (reduce), on-chip bf16 (tl.dot), tiled bf16 (H = 1000).
 if command -v ncu >/dev/null 2>&1; then
-    step "ncu (_elman kernels)" 90 "$OUT/ncu.txt" \
-        ncu --target-processes all -k regex:_elman --launch-count 6 \
+    step "ncu (_recurrence kernels)" 90 "$OUT/ncu.txt" \
+        ncu --target-processes all -k regex:_recurrence --launch-count 6 \
         --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
         "$PY" -m fastrnn.bench.gpu_check ncu-launches
 else

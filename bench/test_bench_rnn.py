@@ -1,6 +1,7 @@
-"""pytest-benchmark suite: fastrnn (each available backend) against torch.nn.RNN and, with
---fastrnn-compile, torch.compile(nn.RNN) where it works. One group per shape and mode, so each
-group compares implementations.
+"""pytest-benchmark suite: fastrnn.RNN and fastrnn.GRU (each available backend) against
+torch.nn.RNN and torch.nn.GRU (the case's cell) and, with --fastrnn-compile, torch.compile of
+torch's module where it works. One group per case (cell and shape) and mode, so each group
+compares implementations.
 
     pytest bench/ --benchmark-only                       # quick grid
     pytest bench/ --fastrnn-grid default --benchmark-only --benchmark-json out.json
@@ -41,6 +42,13 @@ def pytest_generate_tests(metafunc):
     device = _device(config)
     dtypes = config.getoption("--fastrnn-dtype")
     grid = cases.grid(config.getoption("--fastrnn-grid"), device, dtypes.split(",") if dtypes else None)
+    cells = config.getoption("--fastrnn-cells")
+    if cells:
+        wanted = {c.strip() for c in cells.split(",")}
+        unknown = wanted - set(cases.CELL_NAMES)
+        if unknown:
+            raise pytest.UsageError(f"--fastrnn-cells: unknown {sorted(unknown)}; choose from {cases.CELL_NAMES}")
+        grid = [case for case in grid if case.cell in wanted]
     compile_ok = config.getoption("--fastrnn-compile") and _compile_works(device)
     names = impls.impl_names(device, compile=compile_ok)
     params = []
@@ -71,6 +79,7 @@ def test_rnn(benchmark, request, bench_case, mode, impl):
     benchmark.extra_info.update(
         impl=impl,
         mode=mode,
+        cell=case.cell,
         device=device,
         torch=versions["torch"],
         fastrnn=versions["fastrnn"],

@@ -3,6 +3,7 @@
 Command line (writes DIR/trace.json for Perfetto or chrome://tracing, and DIR/ops.txt)::
 
     python -m fastrnn.profile --device cpu --T 100 --B 16 --H 128 --layers 2 --bidirectional --out DIR
+    python -m fastrnn.profile --cell GRU --out DIR     # fastrnn.GRU (default --cell RNN: fastrnn.RNN)
 
 Every fused op runs inside a ``record_function`` label that starts with ``fastrnn::`` (the op,
 backend and directions), so the table of ops and the trace show where each layer's forward and
@@ -20,8 +21,8 @@ In Python::
     # prof_out/trace.json and prof_out/ops.txt are written on exit; ``prof`` is the
     # torch.profiler.profile object (prof.key_averages() etc.).
 
-``workload(...)`` builds the RNN and input the command line profiles (``Workload.step()`` is one
-labelled forward+backward), for profiling the same thing from Python.
+``workload(...)`` builds the module (RNN or GRU) and input the command line profiles
+(``Workload.step()`` is one labelled forward+backward), for profiling the same thing from Python.
 """
 
 from __future__ import annotations
@@ -39,9 +40,15 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from . import RNN
+from .cells import CELLS
+from .convert import FUSED
 
 LABEL = "fastrnn"
+# The cells --cell takes: torch's class names (nn.RNN, nn.GRU), whose fused twins fastrnn.convert.FUSED maps.
+CELL_CLASSES = {cls.__name__: cls for cls in dict.fromkeys(cell.torch_class for cell in CELLS.values())}
+# Nsight Compute's kernel filter: the persistent Triton kernels of kernels/triton/recurrence.py
+# (_recurrence_fwd_kernel, _recurrence_bwd_kernel and their _tiled variants), one set for every cell.
+NCU_KERNELS = "regex:_recurrence"
 
 
 def packed_lengths(T: int, B: int) -> list[int]:
@@ -80,7 +87,7 @@ def make_input(
 
 @dataclasses.dataclass
 class Workload:
-    """One RNN and its input: what ``python -m fastrnn.profile`` runs, step after step."""
+    """One RNN or GRU and its input: what ``python -m fastrnn.profile`` runs, step after step."""
 
     module: torch.nn.Module
     x: Tensor | PackedSequence
@@ -105,6 +112,7 @@ class Workload:
 def workload(
     impl: str = "fastrnn",
     *,
+    cell: str = "RNN",
     T: int = 100,
     B: int = 16,
     H: int = 128,
@@ -118,14 +126,25 @@ def workload(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> Workload:
-    """``fastrnn.RNN`` (``impl="fastrnn"``, on ``backend``) or ``torch.nn.RNN`` (``impl="torch"``) with
-    seeded weights and a random input of (T, B, I or H)."""
+    """fastrnn's module of ``cell`` (``impl="fastrnn"``, on ``backend``: ``fastrnn.RNN`` or
+    ``fastrnn.GRU``) or torch's (``impl="torch"``: ``torch.nn.RNN`` or ``torch.nn.GRU``) with seeded
+    weights and a random input of (T, B, I or H). ``nonlinearity`` is the RNN's only."""
     if impl not in ("fastrnn", "torch"):
         raise ValueError(f"impl must be 'fastrnn' or 'torch', not {impl!r}")
+    if cell not in CELL_CLASSES:
+        raise ValueError(f"cell must be one of {', '.join(map(repr, CELL_CLASSES))}, not {cell!r}")
+    torch_class = CELL_CLASSES[cell]
+    if torch_class is not torch.nn.RNN and nonlinearity != "tanh":
+        raise ValueError(f"nonlinearity={nonlinearity!r} is an RNN option; a {cell} has none")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     torch.manual_seed(seed)
-    kwargs = dict(num_layers=layers, nonlinearity=nonlinearity, bidirectional=bidirectional, device=device, dtype=dtype)
-    module = RNN(I or H, H, backend=backend, **kwargs) if impl == "fastrnn" else torch.nn.RNN(I or H, H, **kwargs)
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional, device=device, dtype=dtype)
+    if torch_class is torch.nn.RNN:
+        kwargs["nonlinearity"] = nonlinearity
+    if impl == "fastrnn":
+        module = FUSED[torch_class](I or H, H, backend=backend, **kwargs)
+    else:
+        module = torch_class(I or H, H, **kwargs)
     return Workload(module, make_input(T, B, I or H, dtype=dtype, device=device, packed=packed, seed=seed + 1))
 
 
@@ -200,16 +219,23 @@ def profiled(
 
 def _parser():
     p = argparse.ArgumentParser(
-        prog="python -m fastrnn.profile", description="Profile forward+backward of an RNN under torch.profiler."
+        prog="python -m fastrnn.profile",
+        description="Profile forward+backward of an RNN or GRU under torch.profiler.",
     )
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument(
+        "--cell",
+        choices=tuple(CELL_CLASSES),
+        default="RNN",
+        help="the module: RNN (fastrnn.RNN / torch.nn.RNN, default) or GRU (fastrnn.GRU / torch.nn.GRU)",
+    )
     p.add_argument("--T", type=int, default=100, help="sequence length (default 100)")
     p.add_argument("--B", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--H", type=int, default=128, help="hidden size (default 128)")
     p.add_argument("--I", type=int, default=0, help="input size (default: H)")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--bidirectional", action="store_true")
-    p.add_argument("--nonlinearity", choices=("tanh", "relu"), default="tanh")
+    p.add_argument("--nonlinearity", choices=("tanh", "relu"), default="tanh", help="RNN only (default tanh)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
     p.add_argument("--packed", action="store_true", help="PackedSequence input, lengths spread T..T/10")
     p.add_argument("--backend", default="auto", help="fastrnn backend: auto, numba, triton or torch")
@@ -217,7 +243,7 @@ def _parser():
         "--impl",
         choices=("fastrnn", "torch"),
         default="fastrnn",
-        help="profile fastrnn.RNN (default) or torch.nn.RNN, for comparison",
+        help="profile fastrnn's module (default) or torch's (torch.nn.RNN / nn.GRU), for comparison",
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, caches)")
     p.add_argument("--steps", type=int, default=3, help="profiled forward+backward steps")
@@ -244,9 +270,9 @@ def _ncu_command(argv, out):
             continue
         keep.append(a)
     inner = ["python", "-m", "fastrnn.profile", *keep, "--warmup", "1", "--steps", "1", "--no-profiler"]
-    report = os.path.join(out, "elman")
+    report = os.path.join(out, "recurrence")
     return (
-        "ncu -k regex:_elman --launch-count 10 --set full -o "
+        f"ncu -k {NCU_KERNELS} --launch-count 10 --set full -o "
         + shlex.quote(report)
         + " "
         + " ".join(shlex.quote(a) for a in inner)
@@ -255,11 +281,15 @@ def _ncu_command(argv, out):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cell != "RNN" and args.nonlinearity != "tanh":
+        parser.error(f"--nonlinearity is an RNN option; --cell {args.cell} has none")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     work = workload(
         args.impl,
+        cell=args.cell,
         T=args.T,
         B=args.B,
         H=args.H,
@@ -272,12 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         backend=args.backend,
         device=device,
     )
-    name = "torch.nn.RNN" if args.impl == "torch" else f"fastrnn.RNN[{args.backend}]"
+    name = f"torch.nn.{args.cell}" if args.impl == "torch" else f"fastrnn.{args.cell}[{args.backend}]"
     shape = f"T={args.T} B={args.B} H={args.H} I={args.I or args.H} layers={args.layers}"
     shape += " bidirectional" * args.bidirectional + " packed" * args.packed
+    shape += f" {args.nonlinearity}" if args.cell == "RNN" else ""
     print(
-        f"profiling {name} {shape} {args.nonlinearity} {args.dtype} on {device}: "
-        f"{args.warmup} warm-up + {args.steps} steps",
+        f"profiling {name} {shape} {args.dtype} on {device}: {args.warmup} warm-up + {args.steps} steps",
         file=sys.stderr,
     )
     for _ in range(args.warmup):

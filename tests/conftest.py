@@ -16,7 +16,6 @@ def layer_kernels(request, monkeypatch):
     """Run a test twice on Numba: small layers as one whole-layer call, and every layer split into
     torch GEMMs around the recurrence kernel (the path large layers take)."""
     if request.param == "split":
-
         from fastrnn.kernels.numba import _runtime
 
         monkeypatch.setattr(_runtime, "WHOLE_LAYER_MACS", -1)

@@ -3,15 +3,20 @@
 No timing asserts: only that the run finishes and its files exist and parse.
 """
 
+import glob
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from fastrnn.bench import cases, gpu_check
-from fastrnn.bench.__main__ import _default_out, _parser
+import fastrnn
+from fastrnn.bench import cases, gpu_check, impls, report
+from fastrnn.bench.__main__ import _default_out, _first_call_plan, _parser, _pick_cells
+
+RESULTS = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "results")
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +60,49 @@ def test_tiny_run_writes_report_json_and_plots(tiny_run):
         )
     assert results["memory"] and all("step_bytes" in m for m in results["memory"])
     assert results["first_call"] and all("first_call_s" in r for r in results["first_call"])
-    report = (out / "report.md").read_text()
-    for heading in ("# fastrnn benchmark", "## Training step", "## Inference", "## Memory", "## First call"):
-        assert heading in report
+    text = (out / "report.md").read_text()
+    for heading in ("# fastrnn benchmark", "## RNN training step", "## RNN inference", "## Memory", "## First call"):
+        assert heading in text
     for png in ("speedup_vs_hidden.png", "memory.png"):
         if (out / png).exists() or png == "memory.png":
             assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-            assert f"]({png})" in report
+            assert f"]({png})" in text
+
+
+def test_tiny_run_has_labelled_gru_rows(tiny_run):
+    out, _ = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["cells"] == ["RNN", "GRU"]
+    rows = results["rows"]
+    assert {r["cell"] for r in rows} == {"RNN", "GRU"}
+    assert all(r["label"].startswith(r["cell"] + " ") for r in rows)  # every table names the cell
+    gru = [r for r in rows if r["cell"] == "GRU"]
+    assert {(r["section"], r["mode"]) for r in gru} == {
+        ("main", "train"),
+        ("main", "inference"),
+        ("packed", "train"),
+        ("packed", "inference"),
+    }
+    # GFLOP/s counts the GRU's three gates.
+    case = cases.Case("main", 12, 3, 8, cell="GRU")
+    for r in gru:
+        if r["section"] == "main" and r["mode"] == "train":
+            assert r["gflops"] == pytest.approx(case.flops("train") / (r["ms_median"] / 1e3) / 1e9)
+    fused = [r for r in gru if r["impl"] != "torch" and r["mode"] == "train"]
+    assert all(r["torch_saved_bytes"] > 0 and r["saved_bytes"] > 0 for r in fused)
+    assert [m["label"] for m in results["memory"]] == ["GRU T=12 B=3 H=8 fp32"]
+    assert [r["cell"] for r in results["first_call"]] == ["GRU"]
+    text = (out / "report.md").read_text()
+    for heading in ("## Summary per cell", "## GRU training step", "## GRU inference"):
+        assert heading in text
+    summary = text.split("## Summary per cell", 1)[1].split("\n## ", 1)[0]
+    if fused:
+        assert "\n| RNN | fastrnn[" in summary and "\n| GRU | fastrnn[" in summary
+        assert "against torch.nn.GRU, training step" in text
+    gru_section = text.split("## GRU training step", 1)[1].split("\n## ", 1)[0]
+    assert "| GRU T=12 B=3 H=8 fp32 | torch |" in gru_section and "| RNN " not in gru_section
+    assert "| GRU T=12 B=3 H=8 packed fp32 |" in text  # the packed table, beside the RNN's
+    assert "\n| GRU | fastrnn[" in text.split("## First call", 1)[1]
 
 
 def test_other_grids_do_not_overwrite_the_default_report():
@@ -74,10 +115,25 @@ def test_other_grids_do_not_overwrite_the_default_report():
 
 def test_options_exist():
     args = _parser().parse_args(
-        ["--quick", "--device", "cpu", "--dtype", "float64", "--backend", "numba", "--out", "x"]
+        ["--quick", "--device", "cpu", "--dtype", "float64", "--backend", "numba", "--out", "x", "--cells", "GRU"]
     )
     assert args.quick and args.dtype == "float64" and args.backend == "numba" and args.out == "x"
     assert _parser().parse_args(["--full"]).full
+    assert _pick_cells(args.cells) == ["GRU"] and _pick_cells(None) == _pick_cells("GRU,RNN") == ["RNN", "GRU"]
+    with pytest.raises(SystemExit):
+        _pick_cells("LSTM")
+
+
+def test_first_call_plan():
+    plan = _first_call_plan("default", ["numba"], ["RNN", "GRU"])
+    for cell in ("RNN", "GRU"):
+        assert [(i, cold) for i, c, cold in plan if c == cell] == [
+            ("torch", False),
+            ("fastrnn[numba]", False),
+            ("fastrnn[numba]", True),
+        ]
+    assert _first_call_plan("tiny", ["numba"], ["RNN", "GRU"]) == [("fastrnn[numba]", "GRU", False)]
+    assert ("fastrnn[numba]", "GRU", False) in _first_call_plan("quick", ["numba"], ["RNN", "GRU"])
 
 
 def test_default_grid_covers_the_issue():
@@ -88,6 +144,17 @@ def test_default_grid_covers_the_issue():
     assert any(c.bidirectional for c in default) and any(c.layers > 1 for c in default)
     assert any(c.packed for c in default) and any(c.dtype == "float64" for c in default)
     assert len({c.key() for c in default}) == len(default)
+    gru = [c for c in default if c.cell == "GRU"]
+    assert [(c.T, c.B, c.H) for c in gru if c.section == "main"] == list(cases.TRAIN_SHAPES)
+    assert all(c.inference for c in gru)
+    assert {c.section for c in gru} == {"main", "packed", "padded"}
+    assert {(c.T, c.B, c.H) for c in gru if c.few_repeats} == cases.GRU_SLOW_SHAPES
+    # The RNN cases are those of the reports before the GRU, in the same order.
+    assert [c for c in default if c.cell == "RNN"] == default[: len(default) - len(gru)]
+    assert {c.cell for c in cases.memory_cases("default")} == {"RNN", "GRU"}
+    for name in ("tiny", "quick"):
+        assert any(c.cell == "GRU" and c.section == "main" for c in cases.grid(name))
+        assert any(c.cell == "GRU" and c.packed for c in cases.grid(name))
     half = {c.dtype for c in cases.grid("default", "cuda")}
     assert {"bfloat16", "float16"} <= half and "float64" not in half
     assert {c.dtype for c in cases.grid("quick", "cpu", ["float64"])} == {"float64"}
@@ -103,6 +170,49 @@ def test_flop_model():
     lengths = packed.lengths()
     assert lengths[0] == 200 and lengths[-1] == 20 and lengths == sorted(lengths, reverse=True)
     assert packed.tokens == sum(lengths)
+    # The GRU's projections are G = 3 gates wide: 2 * tokens * 3H * (I + H).
+    gru = cases.Case("main", 100, 64, 512, cell="GRU")
+    assert gru.gates == 3 and gru.forward_flops() == 2 * 100 * 64 * 3 * 512 * (512 + 512)
+    assert cases.Case("layers", 10, 2, 4, I=3, layers=2, bidirectional=True, cell="GRU").forward_flops() == (
+        3 * stacked.forward_flops()
+    )
+
+
+def test_cases_name_their_cell():
+    rnn, gru = cases.Case("main", 100, 16, 128), cases.Case("main", 100, 16, 128, cell="GRU")
+    assert rnn.label == "RNN T=100 B=16 H=128 fp32" and gru.label == "GRU T=100 B=16 H=128 fp32"
+    assert rnn.key() != gru.key() and (rnn.mode, gru.mode) == ("RNN_TANH", "GRU")
+    assert cases.Case("x", 1, 1, 1, nonlinearity="relu").mode == "RNN_RELU"
+    assert cases.Case(**json.loads(json.dumps(gru.to_json()))) == gru  # what the memory subprocess gets
+    with pytest.raises(ValueError, match="cell"):
+        cases.Case("main", 1, 1, 1, cell="LSTM")
+    with pytest.raises(ValueError, match="nonlinearity"):
+        cases.Case("main", 1, 1, 1, cell="GRU", nonlinearity="relu")
+
+
+def test_gru_runners_compare_torch_gru_with_fastrnn_gru():
+    case = cases.Case("main", 5, 3, 4, I=2, layers=2, bidirectional=True, cell="GRU")
+    reference = impls.reference_module(case, "cpu")
+    assert type(reference) is torch.nn.GRU and impls.fused_class(case) is fastrnn.GRU
+    runners = [impls.Runner.create(impl, case, "cpu", reference) for impl in impls.impl_names("cpu", ["torch"])]
+    assert [type(r.module) for r in runners] == [torch.nn.GRU, fastrnn.GRU]
+    (out_t, h_t), (out_f, h_f) = (r.forward() for r in runners)
+    torch.testing.assert_close(out_f, out_t)
+    torch.testing.assert_close(h_f, h_t)
+    for r in runners:
+        r.train_step()
+
+
+@pytest.mark.skipif(not glob.glob(os.path.join(RESULTS, "*", "results.json")), reason="no committed report")
+def test_reports_from_before_the_gru_still_render(tmp_path):
+    # Their rows have no cell: they are RNN rows, and render as such.
+    path = sorted(glob.glob(os.path.join(RESULTS, "*", "results.json")))[-1]
+    with open(path) as f:
+        results = json.load(f)
+    report.write_markdown(results, tmp_path / "report.md")
+    text = (tmp_path / "report.md").read_text()
+    assert "## RNN training step" in text and "## GRU" not in text
+    assert "\n| RNN | fastrnn[" in text.split("## Summary per cell", 1)[1]
 
 
 def test_gpu_check_versions_runs_anywhere(capsys):

@@ -1,10 +1,14 @@
 """``python -m fastrnn.profile`` and ``fastrnn.profile.profiled`` end to end on CPU."""
 
+import importlib.util
 import json
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fastrnn
@@ -79,11 +83,40 @@ def test_context_manager_exports_on_exit(tmp_path):
         assert "fastrnn::" in fprofile.fastrnn_table(prof)
 
 
+def test_cli_profiles_the_gru(tmp_path, capsys):
+    # In process (the subprocess test above covers the command line itself): --cell GRU profiles fastrnn.GRU.
+    out = tmp_path / "prof"
+    argv = ["--device", "cpu", "--cell", "GRU", "--T", "6", "--B", "2", "--H", "4", "--warmup", "1", "--steps", "1"]
+    assert fprofile.main([*argv, "--out", str(out)]) == 0
+    assert "profiling fastrnn.GRU[auto] T=6 B=2 H=4" in capsys.readouterr().err
+    names = _trace_names(out / "trace.json")
+    assert {"step/forward", "step/backward"} <= names
+    if FUSED_ON_CPU:  # the op's label names the cell's mode
+        assert any(n.startswith("fastrnn::rnn_fwd[") and ",GRU," in n for n in names)
+        assert any(n.startswith("fastrnn::rnn_bwd[") and ",GRU," in n for n in names)
+    with pytest.raises(SystemExit):
+        fprofile.main([*argv, "--nonlinearity", "relu", "--out", str(out)])  # an RNN option
+
+
+def _triton_kernel_names():
+    # find_spec locates the package (kernels/ in a checkout) without importing it, or Triton.
+    source = pathlib.Path(importlib.util.find_spec("fastrnn.kernels").origin).parent / "triton" / "recurrence.py"
+    return re.findall(r"@triton\.jit\s*\ndef (\w+)\(", source.read_text())
+
+
 def test_ncu_command_names_the_kernels():
     cmd = fprofile._ncu_command(["--device", "cuda", "--H", "256", "--steps", "5", "--nvtx"], "out")
-    assert cmd.startswith("ncu -k regex:_elman ")
+    assert cmd.startswith(f"ncu -k {fprofile.NCU_KERNELS} ")
     assert "python -m fastrnn.profile --device cuda --H 256" in cmd and "--no-profiler" in cmd
     assert "--nvtx" not in cmd and "--steps 5" not in cmd
+    # --cell travels into the profiled command.
+    assert "--cell GRU" in fprofile._ncu_command(["--device", "cuda", "--cell", "GRU"], "out")
+    # The regex picks every persistent kernel of kernels/triton/recurrence.py (forward, backward,
+    # on-chip and tiled, all cells), read from the source so that no GPU or Triton is needed.
+    kernels = _triton_kernel_names()
+    pattern = fprofile.NCU_KERNELS.removeprefix("regex:")
+    assert {"_recurrence_fwd_kernel", "_recurrence_bwd_kernel"} <= set(kernels)
+    assert all(re.search(pattern, name) for name in kernels if name.endswith("_kernel"))
 
 
 def test_workload_steps_and_matches_the_bench():
@@ -91,6 +124,15 @@ def test_workload_steps_and_matches_the_bench():
     work.step()
     assert work.x.data.grad is not None and all(p.grad is not None for p in work.module.parameters())
     assert fprofile.workload("torch", T=3, B=2, H=4).module.__class__ is torch.nn.RNN
+    gru = fprofile.workload("fastrnn", cell="GRU", T=5, B=3, H=4, layers=2)
+    assert type(gru.module) is fastrnn.GRU and gru.module.weight_hh_l1.shape == (12, 4)
+    gru.step()
+    assert all(p.grad is not None for p in gru.module.parameters())
+    assert fprofile.workload("torch", cell="GRU", T=3, B=2, H=4).module.__class__ is torch.nn.GRU
+    with pytest.raises(ValueError, match="cell"):
+        fprofile.workload(cell="LSTM")
+    with pytest.raises(ValueError, match="nonlinearity"):
+        fprofile.workload(cell="GRU", nonlinearity="relu")
     # The bench's packed cases and inputs come from the same builder.
     case = cases.Case("packed", 9, 4, 5, I=3, packed=True, dtype="float64")
     assert case.lengths() == fprofile.packed_lengths(9, 4) == [9, 6, 4, 1]

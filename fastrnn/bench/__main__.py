@@ -1,4 +1,5 @@
-"""``python -m fastrnn.bench``: time fastrnn against torch.nn.RNN and write a report.
+"""``python -m fastrnn.bench``: time fastrnn.RNN and fastrnn.GRU against torch.nn.RNN and
+torch.nn.GRU and write a report.
 
 Writes report.md, results.json and PNG plots to bench/results/<device>-<cpu or gpu>-<date>/
 under the working directory, with -<grid> added for grids other than the default (or to --out).
@@ -20,7 +21,7 @@ import torch
 
 from . import cases as grids
 from . import impls, memory, report, timing
-from .firstcall import first_call
+from .firstcall import first_call, warm_numba_cache
 
 
 def _parser():
@@ -28,7 +29,7 @@ def _parser():
         prog="python -m fastrnn.bench",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Default: about 5 minutes on a 2-core CPU; --quick: under a minute.",
+        epilog="Default: about 8 minutes on a 2-core CPU (4 of them the GRU's); --quick: under a minute.",
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a few shapes, few repeats (under a minute)")
@@ -52,9 +53,14 @@ def _parser():
         "packed, padded, float64, bfloat16, float16, relu)",
     )
     p.add_argument(
+        "--cells",
+        help=f"comma list of cells to time ({', '.join(grids.CELL_NAMES)}; default: all): "
+        "fastrnn's module of each against torch's",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
-        help="also time torch.compile(nn.RNN) (slow: compiles every shape, minutes on a small CPU)",
+        help="also time torch.compile(nn.RNN / nn.GRU) (slow: compiles every shape, minutes on a small CPU)",
     )
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-process peak memory runs")
@@ -133,10 +139,33 @@ def _progress(i, n, case, mode, rows, started):
             text += f" x{r['speedup']:.2f}"
         parts.append(text)
     _log(
-        f"[{i:>2}/{n}] {case.section:<8} {case.label:<28} {mode:<9} "
+        f"[{i:>2}/{n}] {case.section:<8} {case.label:<32} {mode:<9} "
         + " | ".join(parts)
         + f"  ({time.perf_counter() - started:.0f} s)"
     )
+
+
+def _pick_cells(arg):
+    if arg is None:
+        return list(grids.CELL_NAMES)
+    wanted = [c.strip() for c in arg.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in grids.CELL_NAMES]
+    if unknown or not wanted:
+        raise SystemExit(f"--cells {arg!r}: choose from {', '.join(grids.CELL_NAMES)}")
+    return [c for c in grids.CELL_NAMES if c in wanted]
+
+
+def _first_call_plan(grid, backends, cells):
+    """(impl, cell, cold cache) of every first-call run: torch and each fused backend with a warm
+    cache per cell, and cold caches on the default and full grids (the quick grid skips torch's
+    GRU, the tiny grid runs only the last fused one)."""
+    plan = []
+    for cell in cells:
+        impl_list = ([] if grid == "quick" and cell != "RNN" else ["torch"]) + [f"fastrnn[{b}]" for b in backends]
+        plan += [(impl, cell, False) for impl in impl_list]
+        if grid in ("default", "full"):
+            plan += [(f"fastrnn[{b}]", cell, True) for b in backends if b != "torch"]
+    return plan[-1:] if grid == "tiny" else plan
 
 
 def _keras_rows(quick):
@@ -182,8 +211,9 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         if d not in grids.DTYPES:
             raise SystemExit(f"unknown dtype {d!r}; choose from {', '.join(grids.DTYPES)}")
     backends = _pick_backends(args.backend, device)
+    cells = _pick_cells(args.cells)
     names = impls.impl_names(device, backends, compile=args.compile)
-    case_list = grids.grid(grid, device, dtypes)
+    case_list = [c for c in grids.grid(grid, device, dtypes) if c.cell in cells]
     if args.sections:
         keep = {s.strip() for s in args.sections.split(",")}
         case_list = [c for c in case_list if c.section in keep]
@@ -195,7 +225,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     note = None
     if not backends:
         note = (
-            "No fused fastrnn backend is available on this device: only torch.nn.RNN was timed, "
+            "No fused fastrnn backend is available on this device: only torch's modules were timed, "
             "so there are no speedups in this report."
         )
         _log("warning: " + note)
@@ -212,6 +242,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     rows, errors, mem_rows, first, keras_rows = [], [], [], [], []
     env.update(
         grid=grid,
+        cells=cells,
         impls=names,
         base_dtype=base_dtype,
         date=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -286,7 +317,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         row["peak_share"] = row["gflops"] / peak if peak else None
 
     if not args.no_memory and not device.startswith("cuda"):
-        for case in grids.memory_cases(grid):
+        for case in [c for c in grids.memory_cases(grid) if c.cell in cells]:
             if dtypes:
                 case = dataclasses.replace(case, dtype=base_dtype)
             # The tiny grid only checks the path: one subprocess, the last implementation.
@@ -305,25 +336,27 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
                 mem_rows.append(entry)
                 shown = f"{entry['step_bytes'] / 2**20:.1f} MB" if "step_bytes" in entry else entry["error"]
                 _log(
-                    f"memory      {case.label:<28} {impl:<16} peak above start of step {shown}"
+                    f"memory      {case.label:<32} {impl:<16} peak above start of step {shown}"
                     f"  ({time.perf_counter() - started:.0f} s)"
                 )
 
     save()
     if not args.no_first_call:
-        plan = [("torch", False)] + [(f"fastrnn[{b}]", False) for b in backends]
-        if grid in ("default", "full"):
-            plan += [(f"fastrnn[{b}]", True) for b in backends if b != "torch"]
-        if grid == "tiny":
-            plan = plan[-1:]
-        for impl, cold in plan:
-            row = first_call(impl, device=device, cold_cache=cold)
+        plan = _first_call_plan(grid, backends, cells)
+        # "Warm" must mean a cache holding every kernel; the tiny grid's cases just compiled its few.
+        if grid != "tiny" and any(impl == "fastrnn[numba]" and not cold for impl, _, cold in plan):
+            env["numba_warm_up"] = warm_numba_cache()
+            shown = env["numba_warm_up"].get("error") or f"{env['numba_warm_up']['warm_up_s']:.1f} s"
+            _log(f"python -m fastrnn.kernels.numba (warm cache): {shown}  ({time.perf_counter() - started:.0f} s)")
+        for impl, cell, cold in plan:
+            row = first_call(impl, device=device, cold_cache=cold, cell=cell)
             first.append(row)
             shown = f"first fwd+bwd {row['first_call_s']:.2f} s" if "error" not in row else row["error"]
             _log(
-                f"first call  {impl:<16} {'cold' if cold else 'warm'} cache: {shown}"
+                f"first call  {cell:<4} {impl:<16} {'cold' if cold else 'warm'} cache: {shown}"
                 f"  ({time.perf_counter() - started:.0f} s)"
             )
+            save()
 
     if args.keras or (not args.no_keras and grid in ("default", "full")):
         found, problem = _keras_rows(quick=grid != "full")

@@ -1,6 +1,7 @@
 """The benchmark grid, written down once, and the FLOP model behind GFLOP/s.
 
 Every grid is a list of :class:`Case`; the report CLI and the pytest-benchmark suite both read it.
+A case names its cell (``RNN`` or ``GRU``): fastrnn's module of that cell is timed against torch's.
 """
 
 import dataclasses
@@ -8,7 +9,11 @@ import math
 
 import torch
 
+from ..cells import CELLS
 from ..profile import packed_lengths
+
+# The cells a case can name: torch's class names (nn.RNN, nn.GRU), the keys of fastrnn.convert.FUSED.
+CELL_NAMES = tuple(dict.fromkeys(cell.torch_class.__name__ for cell in CELLS.values()))
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHORT_DTYPE = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16"}
@@ -27,6 +32,9 @@ TRAIN_SHAPES = (
 )
 # Torch takes ~2 s per fwd+bwd on 2 CPU cores: run it, but with few repeats.
 SLOW_SHAPES = {(100, 256, 1024)}
+# The GRU runs the same training grid; torch.nn.GRU is ~3x slower than nn.RNN on a CPU, so its
+# two biggest shapes (~2 s and ~10 s per torch fwd+bwd on 2 cores) get few repeats.
+GRU_SLOW_SHAPES = {(300, 20, 800), (100, 256, 1024)}
 # Speedup against hidden size, a line per batch size (T = 100); shapes already in TRAIN_SHAPES are reused.
 SWEEP_T, SWEEP_B, SWEEP_H = 100, (1, 16, 64), (64, 128, 256, 512)
 FULL_SWEEP_B, FULL_SWEEP_H = (1, 8, 16, 64, 256), (32, 64, 128, 256, 512, 1024)
@@ -62,6 +70,23 @@ class Case:
     nonlinearity: str = "tanh"
     inference: bool = True  # also time a forward under no_grad
     few_repeats: bool = False
+    cell: str = "RNN"  # "RNN" (torch.nn.RNN against fastrnn.RNN) or "GRU" (nn.GRU against fastrnn.GRU)
+
+    def __post_init__(self):
+        if self.cell not in CELL_NAMES:
+            raise ValueError(f"unknown cell {self.cell!r}; choose from {', '.join(CELL_NAMES)}")
+        if self.cell != "RNN" and self.nonlinearity != "tanh":
+            raise ValueError(f"nonlinearity={self.nonlinearity!r} is an RNN option, not one of {self.cell}")
+
+    @property
+    def mode(self):
+        """torch's ``RNNBase.mode`` of the case's module: the key of ``fastrnn.cells.CELLS``."""
+        return f"RNN_{self.nonlinearity.upper()}" if self.cell == "RNN" else self.cell
+
+    @property
+    def gates(self):
+        """G: the cell's W_ih is (G*H, I) and W_hh (G*H, H); 1 for RNN, 3 for GRU."""
+        return CELLS[self.mode].gates
 
     @property
     def input_size(self):
@@ -77,7 +102,7 @@ class Case:
 
     @property
     def label(self):
-        parts = [self.shape]
+        parts = [self.cell, self.shape]
         if self.layers > 1:
             parts.append(f"L={self.layers}")
         if self.bidirectional:
@@ -98,11 +123,12 @@ class Case:
         return sum(self.lengths())
 
     def forward_flops(self):
-        """2 * tokens * H * (I_layer + H) per layer and direction; the pointwise part is ignored."""
+        """2 * tokens * G*H * (I_layer + H) per layer and direction (G gates: 1 RNN, 3 GRU); the
+        pointwise part is ignored."""
         flops = 0
         for layer in range(self.layers):
             layer_in = self.input_size if layer == 0 else self.H * self.directions
-            flops += self.directions * 2 * self.tokens * self.H * (layer_in + self.H)
+            flops += self.directions * 2 * self.tokens * self.gates * self.H * (layer_in + self.H)
         return flops
 
     def flops(self, mode):
@@ -121,8 +147,9 @@ class Case:
         return dataclasses.replace(self, T=T, packed=False)
 
 
-def _train(shapes, section="main", **kw):
-    return [Case(section, T, B, H, few_repeats=(T, B, H) in SLOW_SHAPES, **kw) for T, B, H in shapes]
+def _train(shapes, section="main", cell="RNN", **kw):
+    slow = GRU_SLOW_SHAPES if cell == "GRU" else SLOW_SHAPES
+    return [Case(section, T, B, H, few_repeats=(T, B, H) in slow, cell=cell, **kw) for T, B, H in shapes]
 
 
 def grid(name="default", device="cpu", dtypes=None):
@@ -139,6 +166,8 @@ def grid(name="default", device="cpu", dtypes=None):
             Case("layers", 12, 3, 8, layers=2, bidirectional=True),
             Case("packed", 12, 3, 8, packed=True),
             Case("float64", 12, 3, 8, dtype="float64"),
+            Case("main", 12, 3, 8, cell="GRU"),
+            Case("packed", 12, 3, 8, packed=True, cell="GRU"),
         ]
     elif name == "quick":
         cases = _train(((100, 1, 64), (100, 16, 128), (100, 64, 512)))
@@ -148,6 +177,9 @@ def grid(name="default", device="cpu", dtypes=None):
             Case("packed", 100, 16, 128, packed=True),
             Case("padded", 100, 16, 128),
             Case("float64", 100, 16, 128, dtype="float64"),
+            # The GRU: one training shape, and it packed (padded is the main case, measured once).
+            Case("main", 100, 16, 128, cell="GRU"),
+            Case("packed", 100, 16, 128, packed=True, cell="GRU"),
         ]
     else:
         full = name == "full"
@@ -178,6 +210,18 @@ def grid(name="default", device="cpu", dtypes=None):
             cases += [
                 Case("float64", T, B, H, dtype="float64", few_repeats=(T, B, H) in SLOW_SHAPES) for T, B, H in extra
             ]
+        # The GRU, after every RNN case (those stay as they were): the training grid, and packed
+        # against padded; --full adds layers and the dtype sections.
+        cases += _train(TRAIN_SHAPES, cell="GRU")
+        T, B, H = PACKED_SHAPE
+        cases += [Case("packed", T, B, H, packed=True, cell="GRU"), Case("padded", T, B, H, cell="GRU")]
+        if full:
+            T, B, H = STACK_SHAPE
+            cases += [Case("layers", T, B, H, layers=L, bidirectional=bi, cell="GRU") for L, bi in STACKS]
+            extra = [("float64", shape) for shape in FLOAT64_SHAPES]
+            if cuda:
+                extra = [(d, shape) for d in ("bfloat16", "float16") for shape in HALF_SHAPES[:2]]
+            cases += [Case(d, T, B, H, dtype=d, cell="GRU") for d, (T, B, H) in extra]
     if dtypes:
         cases = [
             case if case.section in DTYPE_SECTIONS else dataclasses.replace(case, dtype=dtypes[0])
@@ -195,12 +239,15 @@ def grid(name="default", device="cpu", dtypes=None):
 
 
 def memory_cases(name="default"):
-    """The few cases whose peak resident memory is measured, each in its own subprocess."""
+    """The few cases whose peak resident memory is measured, each in its own subprocess: the RNN's,
+    then one GRU shape (torch.nn.GRU's step is ~3x the RNN's, so one)."""
     if name == "tiny":
-        return [Case("memory", 12, 3, 8)]
+        # Only checks the path (one subprocess): the GRU's, whose cell travels through the JSON.
+        return [Case("memory", 12, 3, 8, cell="GRU")]
+    gru = [Case("memory", 100, 64, 512, cell="GRU")]
     if name == "quick":
-        return [Case("memory", 100, 64, 512)]
-    return [Case("memory", 100, 64, 512), Case("memory", 300, 20, 800), Case("memory", 1000, 8, 128)]
+        return [Case("memory", 100, 64, 512)] + gru
+    return [Case("memory", 100, 64, 512), Case("memory", 300, 20, 800), Case("memory", 1000, 8, 128)] + gru
 
 
 def geomean(values):

@@ -29,7 +29,12 @@ TIMING_SHAPES = (
 )
 # What ncu profiles: on-chip fp32 (reduce), on-chip bf16 (tl.dot), tiled bf16 (H = 1000).
 NCU_CASES = ((torch.float32, 128), (torch.bfloat16, 128), (torch.bfloat16, 1000))
-KERNELS = ("_elman_fwd_kernel", "_elman_bwd_kernel", "_elman_fwd_tiled_kernel", "_elman_bwd_tiled_kernel")
+KERNELS = (
+    "_recurrence_fwd_kernel",
+    "_recurrence_bwd_kernel",
+    "_recurrence_fwd_tiled_kernel",
+    "_recurrence_bwd_tiled_kernel",
+)
 
 
 def versions() -> int:
@@ -63,7 +68,7 @@ def installed() -> int:
 
     where = f"fastrnn {fastrnn.__version__} at {os.path.dirname(fastrnn.__file__)}"
     try:
-        importlib.import_module("fastrnn.kernels.triton.elman")
+        importlib.import_module("fastrnn.kernels.triton.recurrence")
     except Exception as exc:
         print(f"{where}: Triton kernels not importable: {type(exc).__name__}: {exc}")
         return 1
@@ -71,10 +76,10 @@ def installed() -> int:
     return 0
 
 
-def _elman():
-    from fastrnn.kernels.triton import elman
+def _recurrence():
+    from fastrnn.kernels.triton import recurrence
 
-    return elman
+    return recurrence
 
 
 def _median_ms(fn: Callable, *args, reps: int = 20) -> float:
@@ -102,7 +107,7 @@ def kernel_timing() -> int:
     cuDNN's call also runs the input projection, so the ratio flatters cuDNN a little. TF32 is
     off on both sides. Then the registers and spills of every compiled variant.
     """
-    E = _elman()
+    R = _recurrence()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dev = "cuda"
@@ -117,15 +122,15 @@ def kernel_timing() -> int:
             w = (torch.randn(D, H, H, device=dev, generator=g) / H**0.5).to(dtype)
             h0 = torch.zeros(D, B, H, device=dev, dtype=dtype)
             lengths = torch.full((B,), T, device=dev, dtype=torch.int64)
-            out, hn = E.elman_forward(proj, w, h0, lengths, False)
+            out, hn, saved = R.forward(proj, w, None, h0, lengths, "RNN_TANH")
             gout, ghn = torch.randn_like(out), torch.randn_like(hn)
-            f = _median_ms(E.elman_forward, proj, w, h0, lengths, False)
-            b = _median_ms(E.elman_backward, gout, ghn, out, w, lengths, False)
+            f = _median_ms(R.forward, proj, w, None, h0, lengths, "RNN_TANH")
+            b = _median_ms(R.backward, gout, ghn, out, saved, w, h0, lengths, "RNN_TANH")
             rnn = torch.nn.RNN(H, H, bidirectional=D == 2).to(dev, dtype)
             x = torch.randn(T, B, H, device=dev, dtype=dtype, requires_grad=True)
             cf = _median_ms(rnn, x)
             cfb = _median_ms(_forward_backward, rnn, x)
-            path = "onchip" if E._launch_config(B, D, H, dtype, torch.device(dev))[0] else "tiled"
+            path = "onchip" if R._launch_config(B, D, H, dtype, torch.device(dev), "RNN_TANH")[0] else "tiled"
             print(
                 f"{str(dtype)[6:]:9} {T:4d} {B:4d} {D:2d} {H:5d} {path:6} {f:8.3f} {b:8.3f} {cf:9.3f} "
                 f"{cfb:9.3f} {cf / f:6.2f}",
@@ -134,7 +139,7 @@ def kernel_timing() -> int:
 
     # Triton's internal cache API: best effort across versions.
     for name in KERNELS:
-        fn = getattr(E, name)
+        fn = getattr(R, name)
         try:
             caches = getattr(fn, "device_caches", None) or {}
             for kernel in [k for c in caches.values() for k in c[0].values()]:
@@ -158,15 +163,15 @@ def kernel_timing() -> int:
 
 def ncu_launches() -> int:
     """One forward and one backward launch for each of :data:`NCU_CASES`, nothing else on the GPU."""
-    E = _elman()
+    R = _recurrence()
     T, B, D = 64, 64, 1
     for dtype, H in NCU_CASES:
         proj = torch.randn(T, B, D, H, device="cuda", dtype=dtype)
         w = (torch.randn(D, H, H, device="cuda") / H**0.5).to(dtype)
         h0 = torch.zeros(D, B, H, device="cuda", dtype=dtype)
         lengths = torch.full((B,), T, device="cuda", dtype=torch.int64)
-        out, hn = E.elman_forward(proj, w, h0, lengths, False)
-        E.elman_backward(torch.randn_like(out), torch.randn_like(hn), out, w, lengths, False)
+        out, hn, saved = R.forward(proj, w, None, h0, lengths, "RNN_TANH")
+        R.backward(torch.randn_like(out), torch.randn_like(hn), out, saved, w, h0, lengths, "RNN_TANH")
     torch.cuda.synchronize()
     return 0
 

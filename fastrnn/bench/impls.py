@@ -1,5 +1,6 @@
-"""What is being compared: ``torch.nn.RNN``, an optional ``torch.compile`` of it, and
-``fastrnn.RNN`` on each available backend, all with the same weights and inputs.
+"""What is being compared: torch's module of the case's cell (``torch.nn.RNN`` or ``nn.GRU``), an
+optional ``torch.compile`` of it, and fastrnn's fused one (``fastrnn.RNN`` or ``fastrnn.GRU``) on
+each available backend, all with the same weights and inputs.
 
 A :class:`Runner` owns one module and its inputs and exposes the three calls the timers need:
 ``forward()``, ``backward(outputs)`` and ``infer()``.
@@ -10,6 +11,7 @@ import dataclasses
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
+from ..cells import CELLS
 from ..profile import make_input
 from .cases import DTYPES
 
@@ -40,17 +42,28 @@ def backend_of(impl):
     return impl[len("fastrnn[") : -1] if impl.startswith("fastrnn[") else None
 
 
+def torch_class(case):
+    """torch's module class of ``case.cell``: ``torch.nn.RNN`` or ``torch.nn.GRU``."""
+    return CELLS[case.mode].torch_class
+
+
+def fused_class(case):
+    """fastrnn's drop-in of ``case.cell``: ``fastrnn.RNN`` or ``fastrnn.GRU``."""
+    from ..convert import FUSED
+
+    return FUSED[torch_class(case)]
+
+
+def _module_kwargs(case, device):
+    kwargs = dict(num_layers=case.layers, bidirectional=case.bidirectional, device=device, dtype=DTYPES[case.dtype])
+    if case.cell == "RNN":
+        kwargs["nonlinearity"] = case.nonlinearity
+    return kwargs
+
+
 def reference_module(case, device, seed=0):
     torch.manual_seed(seed)
-    return torch.nn.RNN(
-        case.input_size,
-        case.H,
-        num_layers=case.layers,
-        nonlinearity=case.nonlinearity,
-        bidirectional=case.bidirectional,
-        device=device,
-        dtype=DTYPES[case.dtype],
-    )
+    return torch_class(case)(case.input_size, case.H, **_module_kwargs(case, device))
 
 
 def build(impl, case, device, reference=None):
@@ -68,18 +81,7 @@ def build(impl, case, device, reference=None):
     backend = backend_of(impl)
     if backend is None:
         raise ValueError(f"unknown implementation {impl!r}")
-    import fastrnn
-
-    module = fastrnn.RNN(
-        case.input_size,
-        case.H,
-        num_layers=case.layers,
-        nonlinearity=case.nonlinearity,
-        bidirectional=case.bidirectional,
-        device=device,
-        dtype=DTYPES[case.dtype],
-        backend=backend,
-    )
+    module = fused_class(case)(case.input_size, case.H, backend=backend, **_module_kwargs(case, device))
     module.load_state_dict(reference.state_dict())
     return module
 

@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from .cases import CELL_NAMES
+
 
 def _pyplot():
     try:
@@ -24,8 +26,13 @@ def _fused(rows):
     return sorted({r["impl"] for r in rows if r["impl"] != "torch" and "error" not in r})
 
 
+def _cell(row):
+    return row.get("cell", "RNN")  # rows from before the GRU have no cell
+
+
 def speedup_vs_hidden(results, path):
-    """Training-step speedup against torch.nn.RNN by hidden size, one line per batch size."""
+    """Training-step speedup against torch's module by hidden size, one line per batch size; a
+    panel per cell (RNN, GRU) and fused implementation."""
     plt = _pyplot()
     base = results["meta"]["base_dtype"]
     rows = [
@@ -43,14 +50,15 @@ def speedup_vs_hidden(results, path):
     lengths = collections.Counter(r["T"] for r in rows)
     seq_len = 100 if 100 in lengths else (lengths.most_common(1)[0][0] if lengths else None)
     rows = [r for r in rows if r["T"] == seq_len]
-    impls = _fused(rows)
-    if plt is None or not impls:
+    cells = [c for c in CELL_NAMES if any(_cell(r) == c for r in rows)]
+    panels = [(cell, impl) for cell in cells for impl in _fused([r for r in rows if _cell(r) == cell])]
+    if plt is None or not panels:
         return None
-    fig, axes = plt.subplots(1, len(impls), figsize=(6.4 * len(impls), 4.4), squeeze=False)
-    for ax, impl in zip(axes[0], impls):
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), squeeze=False)
+    for ax, (cell, impl) in zip(axes[0], panels):
         lines = collections.defaultdict(dict)
         for r in rows:
-            if r["impl"] == impl:
+            if r["impl"] == impl and _cell(r) == cell:
                 lines[r["B"]][r["H"]] = r["speedup"]
         for batch in sorted(lines):
             hidden = sorted(lines[batch])
@@ -58,8 +66,8 @@ def speedup_vs_hidden(results, path):
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("hidden size H")
-        ax.set_ylabel("speedup vs torch.nn.RNN (median, fwd+bwd)")
-        ax.set_title(f"{impl}, T={seq_len}, {base}, {results['meta']['device']}")
+        ax.set_ylabel(f"speedup vs torch.nn.{cell} (median, fwd+bwd)")
+        ax.set_title(f"{cell}: {impl}, T={seq_len}, {base}, {results['meta']['device']}")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()

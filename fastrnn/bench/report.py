@@ -1,10 +1,14 @@
-"""results.json and report.md from the rows a run measured (no measuring here)."""
+"""results.json and report.md from the rows a run measured (no measuring here).
+
+Every row names its cell (``RNN`` or ``GRU``, in the label too) and is compared with torch's module
+of that cell; rows of reports written before GRU rows existed have no ``cell`` and are RNN rows.
+"""
 
 import json
 import math
 import os
 
-from .cases import geomean
+from .cases import CELL_NAMES, geomean
 
 
 def write_json(results, path):
@@ -62,13 +66,24 @@ def _table(header, lines):
     return "\n".join(out)
 
 
-def _rows(results, mode, sections=None, dtype=None):
+def _cell(row):
+    return row.get("cell", "RNN")
+
+
+def _cells(rows):
+    """The cells ``rows`` hold, in CELL_NAMES order (RNN first)."""
+    present = {_cell(r) for r in rows}
+    return [c for c in CELL_NAMES if c in present] + sorted(present - set(CELL_NAMES))
+
+
+def _rows(results, mode, sections=None, dtype=None, cell=None):
     return [
         r
         for r in results["rows"]
         if r["mode"] == mode
         and (sections is None or r["section"] in sections)
         and (dtype is None or r["dtype"] == dtype)
+        and (cell is None or _cell(r) == cell)
     ]
 
 
@@ -76,15 +91,28 @@ def _error_line(row):
     return [row["label"], row["impl"], f"error: {row['error']}"] + ["—"] * 3
 
 
+def _fused_impls(rows):
+    return sorted({r["impl"] for r in rows if r["impl"] != "torch"})
+
+
+def _speedups(rows, impl):
+    return [r for r in rows if r["impl"] == impl and r.get("speedup")]
+
+
 def _geomean_line(rows, what):
-    parts = []
-    for impl in sorted({r["impl"] for r in rows if r["impl"] != "torch"}):
-        mine = [r for r in rows if r["impl"] == impl and r.get("speedup")]
-        if mine:
-            med = geomean(r["speedup"] for r in mine)
-            low = geomean(r["speedup_min"] for r in mine)
-            parts.append(f"{impl} **×{med:.2f}** by median (×{low:.2f} by min) over {len(mine)} shapes")
-    return f"Geometric mean speedup against torch.nn.RNN, {what}: " + "; ".join(parts) + "." if parts else ""
+    """One sentence per cell: each fused implementation's geometric-mean speedup over ``rows``."""
+    out = []
+    for cell in _cells(rows):
+        parts = []
+        for impl in _fused_impls(rows):
+            mine = _speedups([r for r in rows if _cell(r) == cell], impl)
+            if mine:
+                med = geomean(r["speedup"] for r in mine)
+                low = geomean(r["speedup_min"] for r in mine)
+                parts.append(f"{impl} **×{med:.2f}** by median (×{low:.2f} by min) over {len(mine)} shapes")
+        if parts:
+            out.append(f"Geometric mean speedup against torch.nn.{cell}, {what}: " + "; ".join(parts) + ".")
+    return "\n\n".join(out)
 
 
 def _train_table(rows, with_peak=True):
@@ -125,39 +153,56 @@ def _inference_table(rows):
 
 
 def _sweep_tables(results):
+    """B x H tables of speedups at T = 100, for the cells the grid sweeps (RNN)."""
     base = results["meta"]["base_dtype"]
+    swept = {_cell(r) for r in results["rows"] if r["section"] == "sweep"}
     rows = [
         r
         for r in _rows(results, "train", dtype=base)
         if r["T"] == 100 and r["layers"] == 1 and not r["bidirectional"] and not r["packed"] and r.get("speedup")
     ]
     out = []
-    for impl in sorted({r["impl"] for r in rows if r["impl"] != "torch"}):
-        mine = {(r["B"], r["H"]): r["speedup"] for r in rows if r["impl"] == impl}
-        batches, hidden = sorted({b for b, _ in mine}), sorted({h for _, h in mine})
-        lines = [[f"B={b}"] + [_num(mine.get((b, h)), "×{:.2f}") for h in hidden] for b in batches]
-        out.append(
-            f"{impl}, training step, T=100, {base}, median speedup:\n\n"
-            + _table(["", *(f"H={h}" for h in hidden)], lines)
-        )
+    for cell in [c for c in _cells(rows) if c in swept]:
+        for impl in _fused_impls(rows):
+            mine = {(r["B"], r["H"]): r["speedup"] for r in rows if r["impl"] == impl and _cell(r) == cell}
+            if not mine:
+                continue
+            batches, hidden = sorted({b for b, _ in mine}), sorted({h for _, h in mine})
+            lines = [[f"B={b}"] + [_num(mine.get((b, h)), "×{:.2f}") for h in hidden] for b in batches]
+            out.append(
+                f"{impl} against torch.nn.{cell}, training step, T=100, {base}, median speedup:\n\n"
+                + _table(["", *(f"H={h}" for h in hidden)], lines)
+            )
     return "\n\n".join(out)
+
+
+def _key(row, k):
+    return _cell(row) if k == "cell" else row.get(k)
+
+
+_TWIN_KEYS = ("cell", "T", "B", "H", "I", "layers", "bidirectional", "nonlinearity", "dtype")
+
+
+def _twin(rows, packed):
+    """The padded row of ``packed``'s configuration and implementation, or None."""
+    return next(
+        (
+            r
+            for r in rows
+            if not r["packed"]
+            and "error" not in r
+            and r["impl"] == packed["impl"]
+            and all(_key(r, k) == _key(packed, k) for k in _TWIN_KEYS)
+        ),
+        None,
+    )
 
 
 def _packed_table(results):
     train = _rows(results, "train")
     lines = []
     for packed in (r for r in train if r["packed"] and "error" not in r):
-        twin = next(
-            (
-                r
-                for r in train
-                if not r["packed"]
-                and "error" not in r
-                and r["impl"] == packed["impl"]
-                and all(r[k] == packed[k] for k in ("T", "B", "H", "I", "layers", "bidirectional", "dtype"))
-            ),
-            None,
-        )
+        twin = _twin(train, packed)
         lines.append(
             [
                 packed["label"],
@@ -244,10 +289,11 @@ def _first_call_table(rows):
     for r in rows:
         cache = "cold (empty JIT cache)" if r.get("cold_cache") else "warm"
         if "error" in r:
-            lines.append([r["impl"], cache, f"error: {r['error']}", "—", "—", "—"])
+            lines.append([_cell(r), r["impl"], cache, f"error: {r['error']}", "—", "—", "—"])
             continue
         lines.append(
             [
+                _cell(r),
                 r["impl"],
                 cache,
                 f"{r['import_torch_s']:.2f}",
@@ -256,7 +302,96 @@ def _first_call_table(rows):
                 f"{1e3 * r['second_call_s']:.1f} ms",
             ]
         )
-    return _table(["impl", "cache", "import torch s", "import fastrnn s", "first fwd+bwd s", "second"], lines)
+    return _table(["cell", "impl", "cache", "import torch s", "import fastrnn s", "first fwd+bwd s", "second"], lines)
+
+
+def _first_call_text(results):
+    rows = results["first_call"]
+    shape = next((tuple(r.get(k) for k in "TBH") for r in rows if "T" in r), None)
+    text = (
+        f"Small module (T, B, H) = {shape}, `nn.RNN(H, H)` / `nn.GRU(H, H)` or fastrnn's, interpreter start not counted"
+    )
+    warm_up = results["meta"].get("numba_warm_up")
+    if warm_up:
+        done = f"took {warm_up['warm_up_s']:.1f} s" if "warm_up_s" in warm_up else f"failed: {warm_up.get('error')}"
+        text += f"; warm = after `python -m fastrnn.kernels.numba` filled Numba's cache (it {done} here)"
+    return text + ":\n\n" + _first_call_table(rows)
+
+
+def _packed_ratio(train, cell, impl, base):
+    """(impl packed / padded time, torch's) for the cell's first one-layer packed case, or None."""
+
+    def same_config(r, other):
+        return r["packed"] and "error" not in r and all(_key(r, k) == _key(other, k) for k in _TWIN_KEYS)
+
+    candidates = [
+        r
+        for r in train
+        if r["packed"]
+        and "error" not in r
+        and r["impl"] == impl
+        and _cell(r) == cell
+        and r["layers"] == 1
+        and not r["bidirectional"]
+    ]
+    candidates.sort(key=lambda r: r["dtype"] != base)  # the run's dtype first
+    for mine in candidates:
+        twin = _twin(train, mine)
+        if twin is None:
+            continue
+        ref = next((r for r in train if r["impl"] == "torch" and same_config(r, mine)), None)
+        ref_twin = _twin(train, ref) if ref else None
+        return mine["ms_median"] / twin["ms_median"], (ref["ms_median"] / ref_twin["ms_median"] if ref_twin else None)
+    return None
+
+
+def _summary_table(results):
+    """Per cell and fused implementation: the training grid's geomean and worst shape, inference, the
+    packed/padded ratio and the first call. Empty when nothing fused was timed."""
+    base = results["meta"]["base_dtype"]
+    train_all = _rows(results, "train")
+    lines = []
+    for cell in _cells(_rows(results, "train", {"main"}, base)):
+        train = _rows(results, "train", {"main"}, base, cell)
+        infer = _rows(results, "inference", {"main"}, base, cell)
+        for impl in _fused_impls(train):
+            t, i = _speedups(train, impl), _speedups(infer, impl)
+            if not t:
+                continue
+            line = [cell, impl]
+            for rows in (t, i):
+                if not rows:
+                    line += ["—", "—"]
+                    continue
+                med, low = geomean(r["speedup"] for r in rows), geomean(r["speedup_min"] for r in rows)
+                worst = min(rows, key=lambda r: r["speedup"])
+                shape = f"T={worst['T']} B={worst['B']} H={worst['H']}"
+                line += [f"**×{med:.2f}** (×{low:.2f}) over {len(rows)}", f"×{worst['speedup']:.2f} at {shape}"]
+            ratio = _packed_ratio(train_all, cell, impl, base)
+            if ratio:
+                line.append(f"{ratio[0]:.2f}" + (f" (torch {ratio[1]:.2f})" if ratio[1] else ""))
+            else:
+                line.append("—")
+            first = {
+                r.get("cold_cache", False): r["first_call_s"]
+                for r in results.get("first_call", [])
+                if r["impl"] == impl and _cell(r) == cell and "first_call_s" in r
+            }
+            line.append(" / ".join(f"{first[c]:.2f}" if c in first else "—" for c in (False, True)))
+            lines.append(line)
+    if not lines:
+        return ""
+    header = [
+        "cell",
+        "impl",
+        "training × torch: geomean by median (by min) over shapes",
+        "lowest training ×",
+        "inference × torch: geomean (by min)",
+        "lowest inference ×",
+        "packed / padded time",
+        "first fwd+bwd s: warm / cold cache",
+    ]
+    return _table(header, lines)
 
 
 def _generic_table(rows):
@@ -276,12 +411,14 @@ def write_markdown(results, path, plots=()):
         f"- Machine: {meta['cpu_model']}, {meta['cpu_count']} cores, torch threads {meta['torch_threads']}"
         + (f"; GPU {meta['gpu_name']}" if meta.get("gpu_name") else ""),
         f"- Versions: {versions}",
-        f"- Grid `{meta['grid']}`; implementations: {', '.join(meta['impls'])}",
+        f"- Grid `{meta['grid']}`; cells: {', '.join(meta.get('cells', ['RNN']))} (each fastrnn module against "
+        f"torch's of the same cell: nn.RNN, nn.GRU); implementations: {', '.join(meta['impls'])}",
         "- GEMM peak (fastest `torch.mm` n×n, before and after the cases): "
         + ", ".join(f"{d} {p['gflops']:.1f} GFLOP/s (n={p['n']})" for d, p in peaks.items()),
         "- Timing: implementations alternate within every repeat; times are median (min) over repeats, "
         "speedup = torch time / impl time from the same run (> 1: faster than torch). "
-        "FLOPs per layer-direction: forward 2·tokens·H·(I+H), backward 2× forward. "
+        "FLOPs per layer-direction: forward 2·tokens·G·H·(I+H) with G gates (RNN 1, GRU 3), "
+        "backward 2× forward. "
         "How to read: bench/README.md.",
         f"- Run time {meta['run_s']:.0f} s; command `{meta['command']}`",
     ]
@@ -292,16 +429,27 @@ def write_markdown(results, path, plots=()):
         if body:
             lines.extend(["", f"## {title}", "", body])
 
-    main = _rows(results, "train", {"main"}, base)
+    summary = _summary_table(results)
     section(
-        f"Training step (forward+backward), {base}, one layer, tanh",
-        "\n\n".join(x for x in (_train_table(main), _geomean_line(main, "training step")) if x),
+        "Summary per cell",
+        summary
+        and "Each fused module against torch's of its cell over the training grid (one layer, "
+        f"{base}); lowest: the shape with the smallest median speedup; packed / padded: time of the "
+        "PackedSequence case over the same batch padded (below 1: packing saves time); first call: "
+        "a fresh process's first forward+backward.\n\n"
+        + summary,
     )
-    inference = _rows(results, "inference", {"main"}, base)
-    section(
-        "Inference (forward under no_grad)",
-        "\n\n".join(x for x in (_inference_table(inference), _geomean_line(inference, "inference")) if x),
-    )
+    for cell in _cells(_rows(results, "train", {"main"}) + _rows(results, "inference", {"main"})):
+        main = _rows(results, "train", {"main"}, base, cell)
+        section(
+            f"{cell} training step (forward+backward), {base}, one layer" + (", tanh" if cell == "RNN" else ""),
+            "\n\n".join(x for x in (_train_table(main), _geomean_line(main, "training step")) if x),
+        )
+        inference = _rows(results, "inference", {"main"}, base, cell)
+        section(
+            f"{cell} inference (forward under no_grad)",
+            "\n\n".join(x for x in (_inference_table(inference), _geomean_line(inference, "inference")) if x),
+        )
     section("Hidden-size sweep", _sweep_tables(results))
     section("Layers and bidirectional", _train_table(_rows(results, "train", {"layers"})))
     section("Long sequences", _train_table(_rows(results, "train", {"long"})))
@@ -313,13 +461,9 @@ def write_markdown(results, path, plots=()):
     section("Other cases", _train_table(_rows(results, "train", {"relu"})))
     section("Memory", _memory_section(results))
     if results.get("first_call"):
-        section(
-            "First call (fresh process)",
-            f"Small RNN (T, B, H) = {tuple(results['first_call'][0].get(k) for k in 'TBH')}, "
-            "interpreter start not counted:\n\n" + _first_call_table(results["first_call"]),
-        )
+        section("First call (fresh process)", _first_call_text(results))
     if results.get("keras_seed"):
-        section("Keras seed model (stock vs fused)", _generic_table(results["keras_seed"]))
+        section("Keras seed model (SimpleRNN: stock vs fused)", _generic_table(results["keras_seed"]))
     if results.get("errors"):
         section("Errors", "\n".join(f"- {e}" for e in results["errors"]))
     section("Plots", "\n\n".join(f"![{os.path.splitext(p)[0]}]({p})" for p in plots))

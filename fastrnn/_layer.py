@@ -67,20 +67,21 @@ def padded(x, valid_rows, seq_len, batch):
     return x if x.dim() == 3 else scatter_rows(x, valid_rows, seq_len, batch)
 
 
-def forward(x, h0, params, lengths, valid_rows, seq_len, mode, backend):
-    """(out (T, B, D*H), h_n (D, B, H), saved). A whole-layer kernel gets the parameters as they
-    are (the launcher stacks them in NumPy)."""
+def forward(x, h0, params, lengths, valid_rows, seq_len, mode, backend, keep_saved=True):
+    """(out (T, B, D*H), h_n (D, B, H), saved; () may come without ``keep_saved``). A whole-layer
+    kernel gets the parameters as they are (the launcher stacks them in NumPy)."""
     cell = CELLS[mode]
     n_dir, n_in = len(params), params[0][0].shape[1]
     batch, hidden = h0.shape[1], h0.shape[2]
     kernels = backends.kernels(backend, mode)
     if kernels.fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden, mode):
-        out, h_n, saved = kernels.layer_forward(padded(x, valid_rows, seq_len, batch), params, h0, lengths, mode)
+        x = padded(x, valid_rows, seq_len, batch)
+        out, h_n, saved = kernels.layer_forward(x, params, h0, lengths, mode, keep_saved)
     else:
         w_ih, w_hh = _stack([p[0] for p in params]), _stack([p[1] for p in params])
         b_ih, b_hh = _biases(params, cell, hidden)
         proj = _project(x, w_ih, b_ih, valid_rows, seq_len, batch)
-        out, h_n, saved = kernels.forward(proj, w_hh, b_hh, h0, lengths, mode)
+        out, h_n, saved = kernels.forward(proj, w_hh, b_hh, h0, lengths, mode, keep_saved)
     return out.view(seq_len, batch, n_dir * hidden), h_n, saved
 
 

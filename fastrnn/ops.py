@@ -79,6 +79,11 @@ def _forward(
     """Returns output (T, B, D*H) [its (N, D*H) valid rows with ``valid_rows``], h_n (L*D, B, H)
     and what backward needs besides: the padded outputs of layers 0..L-2, then each layer's saved
     tensors (see :func:`_split_inner`)."""
+    return _run_layers(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode, backend, True)
+
+
+def _run_layers(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode, backend, keep_saved):
+    """:func:`_forward`; without ``keep_saved`` (inference) the cells may save nothing."""
     n_dir = hx.shape[0] // num_layers
     outputs, finals, saved = [], [], []
     with profiler_label("fastrnn::rnn_fwd[{},{},L={},D={}]", backend, mode, num_layers, n_dir):
@@ -93,6 +98,7 @@ def _forward(
                     seq_len,
                     mode,
                     backend,
+                    keep_saved,
                 )
             outputs.append(out)
             finals.append(h_n)
@@ -331,11 +337,12 @@ def _regrouped(gradients):
     return grad_x, grad_hx, grad_weights
 
 
-def _fused_layer_forward(x, hx, weights, lengths, mode, backend):
+def _fused_layer_forward(x, hx, weights, lengths, mode, backend, keep_saved=True):
     """One padded layer that the backend runs whole: (output (T, B, D*H), h_n, saved)."""
     n_dir = hx.shape[0]
+    params = _layer.params_of(weights, 0, 1, n_dir)
     with profiler_label("fastrnn::rnn_fwd[{},{},L=1,D={}]", backend, mode, n_dir):
-        return _layer.forward(x, hx, _layer.params_of(weights, 0, 1, n_dir), lengths, None, x.shape[0], mode, backend)
+        return _layer.forward(x, hx, params, lengths, None, x.shape[0], mode, backend, keep_saved)
 
 
 class _EagerFusedLayer(torch.autograd.Function):
@@ -417,8 +424,9 @@ def _eager(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode
         if fused_layer:
             return _EagerFusedLayer.apply(x, hx, lengths, (mode, backend), *weights)
         return _EagerRNN.apply(x, hx, lengths, valid_rows, masks, (seq_len, num_layers, mode, backend), *weights)
-    # Nothing to differentiate: skip the autograd.Function (about 20 us, a fifth of a small call).
+    # Nothing to differentiate: skip the autograd.Function (about 20 us, a fifth of a small call),
+    # and let the cells skip what only backward reads (GRU's gates: 4x the output's bytes).
     if fused_layer:
-        return _fused_layer_forward(x, hx, weights, lengths, mode, backend)[:2]
-    output, h_n, _ = _forward(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode, backend)
+        return _fused_layer_forward(x, hx, weights, lengths, mode, backend, keep_saved=False)[:2]
+    output, h_n, _ = _run_layers(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode, backend, False)
     return output, h_n

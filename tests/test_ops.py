@@ -277,3 +277,27 @@ def test_single_fused_layer_node_matches_the_stack_op_exactly(D, biases, layer_k
         grads = torch.autograd.grad((out**2).sum() + h_n.sum(), (x, hx, *weights))
         results.append([out, h_n, *grads])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_gru_inference_saves_no_gates_and_computes_the_same(monkeypatch):
+    """Under no_grad the GRU kernels store no gates (4x the output's bytes) and give the very same
+    numbers as a forward that keeps them for backward."""
+    kernels = backends.kernels("numba", "GRU")
+    kept = []
+    for name in ("forward", "layer_forward"):
+        original = getattr(kernels, name)
+
+        def recording(*args, original=original):
+            result = original(*args)
+            kept.append(len(result[2]))
+            return result
+
+        monkeypatch.setattr(kernels, name, recording)
+    _, fast = twins(3, 5, num_layers=2, bidirectional=True, cls=torch.nn.GRU)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        inference = fast(x)
+    assert kept == [0, 0]
+    training = fast(x.requires_grad_())
+    assert kept[2:] == [1, 1]
+    assert all(torch.equal(a, b) for a, b in zip(inference, training))

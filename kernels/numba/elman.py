@@ -142,7 +142,7 @@ def _layer_bwd_kernel(grad_out, grad_hn, x, w_ih, w_hh, out, h0, lengths, relu, 
     return grad_h0, layer_gradients(grad_pre, grad_pre, False, x, w_ih, out, h0, lengths, input_grad)
 
 
-def forward(proj, w_hh, b_hh, h0, lengths, mode):
+def forward(proj, w_hh, b_hh, h0, lengths, mode, keep_saved=True):
     """Run the recurrence; returns out (T, B, D, H), zero past each length, h_n (D, B, H) and ()."""
     if b_hh is not None:
         raise ValueError("the Elman cell takes b_hh folded into proj: pass b_hh=None")
@@ -180,7 +180,7 @@ def fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden, mode):
     return rt.fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden, GATES)
 
 
-def layer_forward(x, params, h0, lengths, mode):
+def layer_forward(x, params, h0, lengths, mode, keep_saved=True):
     """The whole layer (projection and recurrence) in one call, on one thread: (out (T, B, D, H),
     h_n, ()). params: per direction (w_ih, w_hh[, b_ih[, b_hh]]) as in ``nn.RNN``."""
     rt.check_layer(GATES, lengths, x, params, h0)

@@ -36,13 +36,17 @@ def _sigmoid(z, single):
 
 @njit(**_JIT)
 def _fwd_task(proj, w_hh, w_hh_t, b_hh, h0, lengths, single, d, b0, stride, rows, use_blas, out, h_n, saved):
-    """The forward time loop of one direction for the batch rows b0 + i * stride, i < rows."""
+    """The forward time loop of one direction for the batch rows b0 + i * stride, i < rows. An
+    empty ``saved`` (inference) sends each step's gates to a scratch row instead."""
     hidden = h0.shape[2]
     h = np.empty((rows, hidden), proj.dtype)
     acc = np.empty((rows, GATES * hidden), proj.dtype)
+    scratch = np.empty(SAVED * hidden, proj.dtype)
+    store = saved.shape[0] != 0
     longest = rt.start_rows(h0, lengths, d, b0, stride, rows, h)
     rt.zero_tails(out, lengths, d, b0, stride, rows)
-    rt.zero_tails(saved, lengths, d, b0, stride, rows)  # deterministic: the custom op returns it
+    if store:
+        rt.zero_tails(saved, lengths, d, b0, stride, rows)  # deterministic: the custom op returns it
     descending = rt.is_descending(lengths, b0, stride, rows)
     bias = b_hh[d]
     for step in range(longest):
@@ -53,7 +57,8 @@ def _fwd_task(proj, w_hh, w_hh_t, b_hh, h0, lengths, single, d, b0, stride, rows
             length = lengths[b]
             if step < length:
                 t = rt.time_index(step, length, d)
-                x, a, keep = proj[t, b, d], acc[i], saved[t, b, d]
+                x, a = proj[t, b, d], acc[i]
+                keep = saved[t, b, d] if store else scratch
                 for j in range(hidden):
                     r = _sigmoid(x[j] + a[j] + bias[j], single)
                     z = _sigmoid(x[hidden + j] + a[hidden + j] + bias[hidden + j], single)
@@ -176,12 +181,12 @@ def _gru_bwd_serial_kernel(grad_out, grad_hn, out, saved, w_hh, h0, lengths, use
 
 # Whole-layer kernels for small problems (see elman.py): one call for the layer and its GEMMs.
 @njit(**_JIT)
-def _layer_fwd_kernel(x, w_ih, b_ih, w_hh, b_hh, h0, lengths, single):
+def _layer_fwd_kernel(x, w_ih, b_ih, w_hh, b_hh, h0, lengths, single, keep_saved):
     proj = project(x, w_ih, b_ih)
     seq_len, batch, n_dir = proj.shape[0], proj.shape[1], proj.shape[2]
     hidden = h0.shape[2]
     out, h_n = np.empty((seq_len, batch, n_dir, hidden), x.dtype), np.empty_like(h0)
-    saved = np.empty((seq_len, batch, n_dir, SAVED * hidden), x.dtype)
+    saved = np.empty((seq_len if keep_saved else 0, batch, n_dir, SAVED * hidden), x.dtype)
     bias = b_hh if b_hh.size else np.zeros((n_dir, GATES * hidden), x.dtype)
     _gru_fwd_serial_kernel(proj, w_hh, bias, h0, lengths, single, False, out, h_n, saved)
     return out, h_n, saved
@@ -200,21 +205,22 @@ def _new_like(t, width):
     return t.new_empty(*t.shape[:3], width)
 
 
-def forward(proj, w_hh, b_hh, h0, lengths, mode):
+def forward(proj, w_hh, b_hh, h0, lengths, mode, keep_saved=True):
     """Run the recurrence; returns out (T, B, D, H), zero past each length, h_n (D, B, H) and
-    (saved,), the per-step [r, z, n, h_n] (T, B, D, 4H)."""
+    (saved,), the per-step [r, z, n, h_n] (T, B, D, 4H); () without ``keep_saved`` (inference)."""
     if b_hh is None:
         raise ValueError("the GRU cell needs b_hh (D, 3H), zeros for bias=False")
     hidden = h0.shape[-1]
     seq_len, batch, n_dir, _ = proj.shape
     shape = (seq_len, batch, n_dir, hidden)
     rt.check_recurrence(GATES, shape, w_hh, b_hh, lengths, {"h0": h0}, proj=(proj, GATES * hidden))
-    out, h_n, saved = _new_like(proj, hidden), torch.empty_like(h0), _new_like(proj, SAVED * hidden)
+    out, h_n = _new_like(proj, hidden), torch.empty_like(h0)
+    saved = _new_like(proj if keep_saved else proj[:0], SAVED * hidden)
     args = (*rt.arrays(proj, w_hh, b_hh, h0, lengths), proj.dtype == torch.float32)
     rt.launch(
         _gru_fwd_kernel, _gru_fwd_serial_kernel, args, rt.arrays(out, h_n, saved), batch, n_dir, hidden, proj.dtype
     )
-    return out, h_n, (saved,)
+    return out, h_n, (saved,) if keep_saved else ()
 
 
 def backward(grad_out, grad_hn, out, saved, w_hh, h0, lengths, mode):
@@ -246,14 +252,15 @@ def fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden, mode):
     return rt.fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden, GATES)
 
 
-def layer_forward(x, params, h0, lengths, mode):
-    """The whole layer in one call, on one thread: (out (T, B, D, H), h_n, (saved,)). params: per
-    direction (w_ih, w_hh[, b_ih, b_hh]) as in ``nn.GRU``."""
+def layer_forward(x, params, h0, lengths, mode, keep_saved=True):
+    """The whole layer in one call, on one thread: (out (T, B, D, H), h_n, (saved,) or () without
+    ``keep_saved``). params: per direction (w_ih, w_hh[, b_ih, b_hh]) as in ``nn.GRU``."""
     rt.check_layer(GATES, lengths, x, params, h0)
     w_ih, w_hh, b_ih, b_hh = rt.stacked_arrays(params, fold_biases=False)
     x_a, h0_a, lengths_a = rt.arrays(x, h0, lengths)
-    out, h_n, saved = _layer_fwd_kernel(x_a, w_ih, b_ih, w_hh, b_hh, h0_a, lengths_a, x.dtype == torch.float32)
-    return torch.from_numpy(out), torch.from_numpy(h_n), (torch.from_numpy(saved),)
+    single = x.dtype == torch.float32
+    out, h_n, saved = _layer_fwd_kernel(x_a, w_ih, b_ih, w_hh, b_hh, h0_a, lengths_a, single, bool(keep_saved))
+    return torch.from_numpy(out), torch.from_numpy(h_n), (torch.from_numpy(saved),) if keep_saved else ()
 
 
 def layer_backward(grad_out, grad_hn, x, params, out, saved, h0, lengths, mode, input_grad):

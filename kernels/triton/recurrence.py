@@ -600,8 +600,9 @@ def _check_4d(name, x):
         raise ValueError(f"fastrnn triton: {name} must be (T, B, D, ...) with D in (1, 2), got {tuple(x.shape)}")
 
 
-def forward(proj, w_hh, b_hh, h0, lengths, mode, *, allow_tf32=None):
+def forward(proj, w_hh, b_hh, h0, lengths, mode, keep_saved=True, *, allow_tf32=None):
     """The recurrence of cell ``mode`` over a batch padded to T, all directions in one launch.
+    ``keep_saved`` is accepted for the launcher contract; these kernels save the gates always.
 
     proj (T, B, D, G*H) = x @ W_ih[d]^T + b_ih[d] (+ b_hh[d] for Elman); w_hh (D, G*H, H); b_hh
     (D, G*H) for GRU, None for Elman (folded into proj); h0 (D, B, H); lengths (B,) int64 in

@@ -3,6 +3,9 @@
 import copy
 import io
 import pickle
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -101,26 +104,50 @@ def test_seed_model_trains_exactly_like_torch():
         assert_close(p, q, 1e-10, name)
 
 
-def test_distributed_data_parallel(tmp_path):
-    """A converted model inside DistributedDataParallel (one gloo rank, in this process) trains like
-    the plain model. Two spawned ranks also passed, but once in ~8 runs rank 0 did not exit after
-    writing its results (seen in a fresh clone); kept out of CI until that is understood."""
-    import torch.distributed as dist
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import copy, os, sys
+    import torch, torch.distributed as dist
+    from torch import nn
+    import fastrnn
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.gru = nn.RNN(20, 16, batch_first=True), nn.GRU(16, 8, batch_first=True)
+
+        def forward(self, x):
+            return self.gru(self.rnn(x)[0])[0]
 
     torch.manual_seed(0)
-    model = Seed().double()
+    model = Model().double()
     data = torch.randn(8, 10, 20, dtype=torch.float64)
     expected = copy.deepcopy(model)
     expected(data).sum().backward()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        ddp = nn.parallel.DistributedDataParallel(fastrnn.convert(model))
-        assert type(ddp.module.rnn1) is fastrnn.RNN
-        ddp(data).sum().backward()
-    finally:
-        dist.destroy_process_group()
-    for (name, p), q in zip(ddp.module.named_parameters(), expected.parameters()):
-        assert_close(p.grad, q.grad, 1e-10, name)
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+    ddp = nn.parallel.DistributedDataParallel(fastrnn.convert(model))
+    assert type(ddp.module.rnn) is fastrnn.RNN and type(ddp.module.gru) is fastrnn.GRU
+    ddp(data).sum().backward()
+    errors = [(p.grad - q.grad).abs().max().item() for p, q in zip(ddp.module.parameters(), expected.parameters())]
+    print("max gradient error", max(errors), flush=True)
+    # Skip interpreter teardown: torch's gloo ProcessGroup destructor joins its worker threads while
+    # holding the GIL, and can deadlock there (seen once in a fresh clone); the check is done.
+    os._exit(0 if max(errors) < 1e-10 else 1)
+    """
+)
+
+
+def test_distributed_data_parallel(tmp_path):
+    """A converted model (an RNN and a GRU) inside DistributedDataParallel, one gloo rank, trains
+    like the plain model. In a subprocess: see the note on teardown in the script."""
+    result = subprocess.run(
+        [sys.executable, "-c", _DDP_SCRIPT, str(tmp_path / "rendezvous")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "max gradient error" in result.stdout
 
 
 def _gru_twins(*args, **kwargs):

@@ -52,7 +52,8 @@ class _Fused(nn.RNNBase):
             batch_sizes = sorted_indices = unsorted_indices = packed_rows = None
             if input.dim() not in (2, 3):
                 name = CELLS[self.mode].torch_class.__name__
-                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+                tensor = " tensor" if name == "RNN" else ""  # torch's own two wordings
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{tensor} instead")
             batched = input.dim() == 3
             if not batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)

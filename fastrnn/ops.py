@@ -105,7 +105,9 @@ def _run_layers(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers,
             saved.extend(layer_saved)
     h_n = finals[0] if num_layers == 1 else torch.cat(finals)
     output = outputs[-1] if valid_rows is None else select_rows(outputs[-1], valid_rows)
-    if valid_rows is not None:  # kept for backward as valid rows: packed input saves no padding
+    if not keep_saved:
+        saved = []
+    elif valid_rows is not None:  # kept for backward as valid rows: packed input saves no padding
         saved = [select_rows(t, valid_rows) for t in saved]
     return output, h_n, outputs[:-1] + saved
 

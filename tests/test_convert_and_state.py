@@ -221,3 +221,15 @@ def test_gru_state_dict_pickle_and_flatten_parameters_are_torchs():
     for clone in (pickle.loads(pickle.dumps(fast)), torch.load(_saved(fast), weights_only=False)):
         assert type(clone) is fastrnn.GRU and clone.backend == "numba"
         compare(fresh, clone, torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True))
+
+
+class _PlainRNNSubclass(nn.RNN):
+    pass
+
+
+def test_pickles_of_converted_subclasses_from_before_gru_still_load():
+    # They call _new_fused(cls) with the class alone: an nn.RNN subclass.
+    from fastrnn.convert import _new_fused
+
+    module = _new_fused(_PlainRNNSubclass)
+    assert isinstance(module, fastrnn.RNN) and isinstance(module, _PlainRNNSubclass)

@@ -1,6 +1,7 @@
 """Small dense products for the Numba kernels: hand GEMMs for the few rows a task multiplies per
 step (BLAS repacks W_hh on every call, which costs more than the product at small sizes), row dots
-for a single row, and a tiled transpose."""
+for a single row, and a tiled transpose. After editing this file, delete kernels/numba/__pycache__:
+the cell kernels that call these are cached by their own files (see ``_runtime``)."""
 
 import numpy as np
 from numba import njit

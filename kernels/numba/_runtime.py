@@ -4,6 +4,10 @@ launch, the checks, and the NumPy views of torch tensors.
 Each kernel runs the whole time loop in one call. Work is split into tasks of one direction and
 a block of batch rows; a task runs every step for its rows, so threads never synchronise inside
 the loop. Layouts follow CONTRACTS.md.
+
+Numba's disk cache checks only the file of the kernel it caches: after editing this module,
+``_linalg.py`` or ``fast_tanh.py`` (which the cell kernels inline), delete
+kernels/numba/__pycache__, or the cells keep running the old code.
 """
 
 import contextlib

@@ -223,10 +223,21 @@ def forward(proj, w_hh, b_hh, h0, lengths, mode, keep_saved=True):
     return out, h_n, (saved,) if keep_saved else ()
 
 
+def _gates_of(saved):
+    if len(saved) != 1:
+        raise ValueError("GRU backward needs the gates its forward saved: saved = (gates,), not ()")
+    return saved[0]
+
+
+def _check_biases(params):
+    if len(params[0]) == 3:
+        raise ValueError("a GRU direction takes (w_ih, w_hh) or (w_ih, w_hh, b_ih, b_hh), not one bias")
+
+
 def backward(grad_out, grad_hn, out, saved, w_hh, h0, lengths, mode):
     """Reverse recurrence; returns grad_proj and grad_rec (T, B, D, 3H), the gradients of the input
     and recurrent projections, and grad_h0 (D, B, H)."""
-    (saved,) = saved
+    saved = _gates_of(saved)
     hidden = out.shape[3]
     states = {"grad_hn": grad_hn, "h0": h0}
     like_out = dict(out=(out, hidden), grad_out=(grad_out, hidden), saved=(saved, SAVED * hidden))
@@ -256,6 +267,7 @@ def layer_forward(x, params, h0, lengths, mode, keep_saved=True):
     """The whole layer in one call, on one thread: (out (T, B, D, H), h_n, (saved,) or () without
     ``keep_saved``). params: per direction (w_ih, w_hh[, b_ih, b_hh]) as in ``nn.GRU``."""
     rt.check_layer(GATES, lengths, x, params, h0)
+    _check_biases(params)
     w_ih, w_hh, b_ih, b_hh = rt.stacked_arrays(params, fold_biases=False)
     x_a, h0_a, lengths_a = rt.arrays(x, h0, lengths)
     single = x.dtype == torch.float32
@@ -266,7 +278,8 @@ def layer_forward(x, params, h0, lengths, mode, keep_saved=True):
 def layer_backward(grad_out, grad_hn, x, params, out, saved, h0, lengths, mode, input_grad):
     """Every gradient of a layer in one call, on one thread: (grad_x or None, grad_h0, per direction
     a tuple of gradients matching ``params``)."""
-    (saved,) = saved
+    saved = _gates_of(saved)
+    _check_biases(params)
     hidden = h0.shape[-1]
     rt.check_layer(
         GATES,

@@ -39,18 +39,6 @@ def _biases(params, cell, hidden):
     return b_ih, b_hh if b_hh is not None else torch.zeros_like(b_ih)
 
 
-def _per_direction(n_params, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh):
-    """Stacked (D, ...) gradients -> one tuple per direction, matching (w_ih, w_hh[, b_ih[, b_hh]]).
-    A folded b_hh (grad_b_hh None) gets its own copy of b_ih's: .grad tensors sharing memory would
-    be accumulated, clipped or scaled in place twice."""
-    return [
-        (grad_w_ih[d], grad_w_hh[d], grad_b_ih[d], grad_b_ih[d].clone() if grad_b_hh is None else grad_b_hh[d])[
-            :n_params
-        ]
-        for d in range(grad_w_ih.shape[0])
-    ]
-
-
 def _project(x, w_ih, bias, valid_rows, seq_len, batch):
     """x @ W_ih^T (+ bias) for every direction at once -> (T, B, D, G*H); with ``valid_rows`` only
     those rows are computed (the others are left unset: kernels never read proj past a length)."""
@@ -143,8 +131,21 @@ def backward(grad_out, grad_hn, x, h0, params, out, saved, lengths, valid_rows, 
             grad_x = scatter_rows(grad_x, valid_rows, seq_len, batch)
         grad_x = grad_x.view(x.shape)
     grad_w_ih = torch.mm(flat.t(), select_rows(x, valid_rows)).view(w_ih.shape)
-    grad_b_ih = flat.sum(0).view(n_dir, -1)
-    folded = CELLS[mode].folds_recurrent_bias
-    grad_b_hh = None if folded else select_rows(grad_rec, valid_rows).sum(0).view(n_dir, -1)
     grad_w_hh = _grad_w_hh(grad_rec, out, h0, lengths, valid_rows)
-    return grad_x, grad_h0, _per_direction(len(params[0]), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)
+    grad_biases = _grad_biases(len(params[0]) - 2, flat, grad_rec, valid_rows, CELLS[mode], n_dir)
+    grads = [(grad_w_ih[d], grad_w_hh[d], *(g[d] for g in grad_biases)) for d in range(n_dir)]
+    return grad_x, grad_h0, grads
+
+
+def _grad_biases(n_biases, flat_grad_proj, grad_rec, valid_rows, cell, n_dir):
+    """The (D, G*H) gradients of the layer's biases, only as many as it has: b_ih's is the sum of
+    grad_proj, b_hh's that of grad_rec, or for a folded b_hh a copy of b_ih's (.grad tensors
+    sharing memory would be accumulated, clipped or scaled in place twice)."""
+    if n_biases == 0:
+        return []
+    grad_b_ih = flat_grad_proj.sum(0).view(n_dir, -1)
+    if n_biases == 1:
+        return [grad_b_ih]
+    if cell.folds_recurrent_bias:
+        return [grad_b_ih, grad_b_ih.clone()]
+    return [grad_b_ih, select_rows(grad_rec, valid_rows).sum(0).view(n_dir, -1)]

@@ -2,14 +2,16 @@
 in backward the kernel's reverse loop followed by the weight and input gradients as GEMMs over all
 T*B rows (over the valid tokens only with ``valid_rows``). CONTRACTS.md, "Cells".
 
-x: (T, B, I) padded, or (N, I) valid rows; params: per direction (w_ih, w_hh[, b_ih[, b_hh]]) as
-torch holds them; out: (T, B, D, H) padded; saved: what the cell's forward keeps for backward.
+x: (T, B, I) padded, or (N, I) valid rows; states: the layer's initial states, a tuple (h0,) or
+LSTM's (h0, c0), each (D, B, ...); params: per direction (w_ih, w_hh[, b_ih[, b_hh]][, w_hr]) as
+torch holds them; out: (T, B, D, P) padded (P = H but for LSTM's proj_size); saved: what the cell's
+forward keeps for backward.
 """
 
 import torch
 
 from . import backends
-from .cells import CELLS
+from .cells import CELLS, split_params
 from .rows import scatter_rows, select_rows
 
 
@@ -26,17 +28,33 @@ def _stack(tensors):
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
-def _biases(params, cell, hidden):
-    """(b_ih (D, G*H) or None, b_hh (D, G*H) or None) as the kernels take them: b_hh added to b_ih
-    where the cell folds it (then None), zeros for a cell without biases that needs one."""
-    if len(params[0]) == 2:
-        zeros = None if cell.folds_recurrent_bias else params[0][1].new_zeros(len(params), cell.gates * hidden)
-        return None, zeros
-    b_ih = _stack([p[2] for p in params])
-    b_hh = _stack([p[3] for p in params]) if len(params[0]) == 4 else None
+def _biases(biases, cell, hidden, like):
+    """(b_ih (D, G*H) or None, b_hh (D, G*H) or None) as the kernels take them from each
+    direction's bias tuple: b_hh added to b_ih where the cell folds it (then None), zeros for a
+    cell without biases that needs one."""
+    if not biases[0]:
+        return None, (None if cell.folds_recurrent_bias else like.new_zeros(len(biases), cell.gates * hidden))
+    b_ih = _stack([b[0] for b in biases])
+    b_hh = _stack([b[1] for b in biases]) if len(biases[0]) == 2 else None
     if cell.folds_recurrent_bias:
         return (b_ih if b_hh is None else b_ih + b_hh), None
     return b_ih, b_hh if b_hh is not None else torch.zeros_like(b_ih)
+
+
+def _split(params, cell):
+    """The stacked (D, ...) weights (w_ih, w_hh, w_hr or None) and each direction's biases."""
+    parts = [split_params(p, cell.gates) for p in params]
+    w_hr = _stack([p[3] for p in parts]) if parts[0][3] is not None else None
+    return _stack([p[0] for p in parts]), _stack([p[1] for p in parts]), w_hr, [p[2] for p in parts]
+
+
+def _launcher_states(states):
+    # The launchers take a one-state cell's state as the tensor itself, a two-state cell's as a tuple.
+    return states[0] if len(states) == 1 else tuple(states)
+
+
+def _projection(w_hr):
+    return {} if w_hr is None else {"w_hr": w_hr}
 
 
 def _project(x, w_ih, bias, valid_rows, seq_len, batch):
@@ -55,22 +73,27 @@ def padded(x, valid_rows, seq_len, batch):
     return x if x.dim() == 3 else scatter_rows(x, valid_rows, seq_len, batch)
 
 
-def forward(x, h0, params, lengths, valid_rows, seq_len, mode, backend, keep_saved=True):
-    """(out (T, B, D*H), h_n (D, B, H), saved; () may come without ``keep_saved``). A whole-layer
-    kernel gets the parameters as they are (the launcher stacks them in NumPy)."""
+def forward(x, states, params, lengths, valid_rows, seq_len, mode, backend, keep_saved=True):
+    """(out (T, B, D*P), final states (a tuple like ``states``), saved; () may come without
+    ``keep_saved``). A whole-layer kernel gets the parameters as they are (the launcher stacks
+    them in NumPy)."""
     cell = CELLS[mode]
     n_dir, n_in = len(params), params[0][0].shape[1]
-    batch, hidden = h0.shape[1], h0.shape[2]
+    batch, width = states[0].shape[1], states[0].shape[2]
+    hidden = params[0][1].shape[0] // cell.gates
     kernels = backends.kernels(backend, mode)
     if kernels.fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden, mode):
         x = padded(x, valid_rows, seq_len, batch)
-        out, h_n, saved = kernels.layer_forward(x, params, h0, lengths, mode, keep_saved)
+        out, finals, saved = kernels.layer_forward(x, params, _launcher_states(states), lengths, mode, keep_saved)
     else:
-        w_ih, w_hh = _stack([p[0] for p in params]), _stack([p[1] for p in params])
-        b_ih, b_hh = _biases(params, cell, hidden)
+        w_ih, w_hh, w_hr, biases = _split(params, cell)
+        b_ih, b_hh = _biases(biases, cell, hidden, w_hh)
         proj = _project(x, w_ih, b_ih, valid_rows, seq_len, batch)
-        out, h_n, saved = kernels.forward(proj, w_hh, b_hh, h0, lengths, mode, keep_saved)
-    return out.view(seq_len, batch, n_dir * hidden), h_n, saved
+        out, finals, saved = kernels.forward(
+            proj, w_hh, b_hh, _launcher_states(states), lengths, mode, keep_saved, **_projection(w_hr)
+        )
+    finals = tuple(finals) if isinstance(finals, (tuple, list)) else (finals,)
+    return out.view(seq_len, batch, n_dir * width), finals, saved
 
 
 def _grad_w_hh(grad_rec, out, h0, lengths, valid_rows):
@@ -107,22 +130,37 @@ def _grad_w_hh(grad_rec, out, h0, lengths, valid_rows):
     return grads
 
 
-def backward(grad_out, grad_hn, x, h0, params, out, saved, lengths, valid_rows, mode, backend, input_grad):
-    """Gradients of one layer: (x or None, h0, per direction a tuple matching ``params``).
-    x: (T, B, I) padded, or (N, I) valid rows (its gradient then comes as rows too)."""
+def backward(grad_out, grad_finals, x, states, params, out, saved, lengths, valid_rows, mode, backend, input_grad):
+    """Gradients of one layer: (x or None, the initial states (a tuple like ``states``), per
+    direction a tuple matching ``params``). x: (T, B, I) padded, or (N, I) valid rows (its
+    gradient then comes as rows too)."""
+    cell = CELLS[mode]
     seq_len, batch = out.shape[:2]
     n_dir, n_in = len(params), params[0][0].shape[1]
-    hidden = h0.shape[2]
-    out = out.view(seq_len, batch, n_dir, hidden)
+    hidden = params[0][1].shape[0] // cell.gates
+    out = out.view(seq_len, batch, n_dir, states[0].shape[2])
     kernels = backends.kernels(backend, mode)
-    grad_out, grad_hn = grad_out.reshape(out.shape).contiguous(), grad_hn.contiguous()
+    grad_out = grad_out.reshape(out.shape).contiguous()
+    grad_finals = _launcher_states([g.contiguous() for g in grad_finals])
     if kernels.fuses_whole_layer(seq_len, batch, n_in, n_dir, hidden, mode):
-        grad_x, grad_h0, grad_params = kernels.layer_backward(
-            grad_out, grad_hn, padded(x, valid_rows, seq_len, batch), params, out, saved, h0, lengths, mode, input_grad
+        grad_x, grad_states, grad_params = kernels.layer_backward(
+            grad_out,
+            grad_finals,
+            padded(x, valid_rows, seq_len, batch),
+            params,
+            out,
+            saved,
+            _launcher_states(states),
+            lengths,
+            mode,
+            input_grad,
         )
-        return (grad_x if grad_x is None or x.dim() == 3 else select_rows(grad_x, valid_rows)), grad_h0, grad_params
-    w_ih, w_hh = _stack([p[0] for p in params]), _stack([p[1] for p in params])
-    grad_proj, grad_rec, grad_h0 = kernels.backward(grad_out, grad_hn, out, saved, w_hh, h0, lengths, mode)
+        grad_x = grad_x if grad_x is None or x.dim() == 3 else select_rows(grad_x, valid_rows)
+        return grad_x, _as_tuple(grad_states), grad_params
+    w_ih, w_hh, w_hr, biases = _split(params, cell)
+    grad_proj, grad_rec, grad_states, *grad_h = kernels.backward(
+        grad_out, grad_finals, out, saved, w_hh, _launcher_states(states), lengths, mode, **_projection(w_hr)
+    )
     flat = select_rows(grad_proj, valid_rows)
     grad_x = None
     if input_grad:
@@ -131,10 +169,27 @@ def backward(grad_out, grad_hn, x, h0, params, out, saved, lengths, valid_rows, 
             grad_x = scatter_rows(grad_x, valid_rows, seq_len, batch)
         grad_x = grad_x.view(x.shape)
     grad_w_ih = torch.mm(flat.t(), select_rows(x, valid_rows)).view(w_ih.shape)
-    grad_w_hh = _grad_w_hh(grad_rec, out, h0, lengths, valid_rows)
-    grad_biases = _grad_biases(len(params[0]) - 2, flat, grad_rec, valid_rows, CELLS[mode], n_dir)
-    grads = [(grad_w_ih[d], grad_w_hh[d], *(g[d] for g in grad_biases)) for d in range(n_dir)]
-    return grad_x, grad_h0, grads
+    grad_w_hh = _grad_w_hh(grad_rec, out, states[0], lengths, valid_rows)
+    grad_biases = _grad_biases(len(biases[0]), flat, grad_rec, valid_rows, cell, n_dir)
+    grad_w_hr = [_grad_w_hr(grad_h[0], saved[0], valid_rows)] if grad_h else []
+    grads = [(grad_w_ih[d], grad_w_hh[d], *(g[d] for g in grad_biases + grad_w_hr)) for d in range(n_dir)]
+    return grad_x, _as_tuple(grad_states), grads
+
+
+def _as_tuple(states):
+    return tuple(states) if isinstance(states, (tuple, list)) else (states,)
+
+
+def _grad_w_hr(grad_h, gates, valid_rows):
+    """dW_hr[d] = sum_t grad_h_t^T (o_t * tanh(c_t)), one GEMM per direction over the valid rows,
+    with o_t and c_t read from the LSTM's saved [i, f, g, o, c] (CONTRACTS.md)."""
+    n_dir, hidden = gates.shape[2], gates.shape[3] // 5
+    projected = gates[..., 3 * hidden : 4 * hidden] * torch.tanh(gates[..., 4 * hidden :])
+    grads = grad_h.new_empty(n_dir, grad_h.shape[3], hidden)
+    for d in range(n_dir):
+        rows = select_rows(grad_h[:, :, d], valid_rows).t(), select_rows(projected[:, :, d], valid_rows)
+        torch.mm(*rows, out=grads[d])
+    return grads
 
 
 def _grad_biases(n_biases, flat_grad_proj, grad_rec, valid_rows, cell, n_dir):

@@ -1,4 +1,5 @@
-"""``fastrnn.convert``: swap the ``torch.nn.RNN`` / ``nn.GRU`` modules of a model for fastrnn's in place."""
+"""``fastrnn.convert``: swap the ``torch.nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` modules of a model for
+fastrnn's in place."""
 
 from __future__ import annotations
 
@@ -8,17 +9,17 @@ from collections.abc import Iterable
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .nn import GRU, RNN
+from .nn import GRU, LSTM, RNN
 
 # torch class -> its fused drop-in (a subclass of it).
-FUSED = {nn.RNN: RNN, nn.GRU: GRU}
+FUSED = {nn.RNN: RNN, nn.GRU: GRU, nn.LSTM: LSTM}
 
 
 def convert(
     model: nn.Module, *, backend: str | None = None, classes: Iterable[type[nn.RNNBase]] = tuple(FUSED)
 ) -> nn.Module:
-    """Make each ``torch.nn.RNN`` and ``torch.nn.GRU`` submodule of ``model`` a ``fastrnn.RNN`` /
-    ``fastrnn.GRU``; ``classes`` limits that to some of them (``classes=[nn.GRU]``).
+    """Make each ``torch.nn.RNN``, ``nn.GRU`` and ``nn.LSTM`` submodule of ``model`` a ``fastrnn.RNN`` /
+    ``GRU`` / ``LSTM``; ``classes`` limits that to some of them (``classes=[nn.GRU]``).
 
     The modules keep their identity: only their class changes, so weights, device, dtype,
     ``requires_grad`` flags, hooks, optimizer references and train/eval mode are kept. Subclasses

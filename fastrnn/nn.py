@@ -1,4 +1,4 @@
-"""``fastrnn.RNN`` and ``fastrnn.GRU``: the torch modules with their time loop and backward pass in
+"""``fastrnn.RNN``, ``fastrnn.GRU`` and ``fastrnn.LSTM``: the torch modules with their time loop and backward pass in
 fused kernels. One forward serves every cell; each class only names its torch base."""
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ class _Fused(nn.RNNBase):
         self.backend = backend
 
     def forward(
-        self, input: Tensor | PackedSequence, hx: Tensor | None = None
-    ) -> tuple[Tensor | PackedSequence, Tensor]:
+        self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor | PackedSequence, Tensor | tuple[Tensor, Tensor]]:
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
         weights = self._current_weights()
-        backend = backends.resolve(getattr(self, "backend", None), data.device, data.dtype, (data, hx, *weights))
+        states = () if hx is None else _states(hx)
+        backend = backends.resolve(getattr(self, "backend", None), data.device, data.dtype, (data, *states, *weights))
         if backend == "torch":
             return super().forward(input, hx)
         n_dir = 2 if self.bidirectional else 1
@@ -57,20 +58,20 @@ class _Fused(nn.RNNBase):
             batched = input.dim() == 3
             if not batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)
-                if hx is not None:
-                    if hx.dim() != 2:
-                        raise RuntimeError(
-                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
-                        )
-                    hx = hx.unsqueeze(1)
-            elif hx is not None and hx.dim() != 3:
-                raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+            if hx is not None:
+                _check_state_dims(_states(hx), batched)
+                if not batched:
+                    hx = _in_form(hx, [s.unsqueeze(1) for s in _states(hx)])
             x = input.transpose(0, 1) if self.batch_first else input
             seq_len, batch = x.shape[:2]
             lengths = torch.full((batch,), seq_len, dtype=torch.int64)
             checked_input = input
         if hx is None:
-            hx = x.new_zeros(self.num_layers * n_dir, batch, self.hidden_size)
+            h0 = x.new_zeros(self.num_layers * n_dir, batch, self.proj_size or self.hidden_size)
+            if CELLS[self.mode].states == 2:
+                hx = (h0, x.new_zeros(self.num_layers * n_dir, batch, self.hidden_size))
+            else:
+                hx = h0
         else:
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(checked_input, hx, batch_sizes)
@@ -97,7 +98,7 @@ class _Fused(nn.RNNBase):
         if self.batch_first:
             output = output.transpose(0, 1)
         if not batched:
-            return output.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
+            return output.squeeze(0 if self.batch_first else 1), _in_form(h_n, [s.squeeze(1) for s in _states(h_n)])
         return output, h_n
 
     def _current_weights(self) -> list[Tensor]:
@@ -127,6 +128,32 @@ class RNN(_Fused, nn.RNN):
 
 class GRU(_Fused, nn.GRU):
     __doc__ = "Drop-in replacement for :class:`torch.nn.GRU`.\n" + _BACKEND_DOC.format("GRU")
+
+
+class LSTM(_Fused, nn.LSTM):
+    __doc__ = "Drop-in replacement for :class:`torch.nn.LSTM` (``proj_size`` included).\n" + _BACKEND_DOC.format("LSTM")
+
+
+def _states(hx):
+    """hx as a tuple of state tensors: (h,), or LSTM's (h, c)."""
+    return tuple(hx) if isinstance(hx, (tuple, list)) else (hx,)
+
+
+def _in_form(hx, states):
+    """``states`` in hx's form: a tensor for one-state cells, a tuple for LSTM."""
+    return tuple(states) if isinstance(hx, (tuple, list)) else states[0]
+
+
+def _check_state_dims(states, batched):
+    """torch's errors for states whose rank does not match the input's (nn.RNN/GRU, then nn.LSTM)."""
+    want = 3 if batched else 2
+    if all(s.dim() == want for s in states):
+        return
+    kind = "batched 3-D" if batched else "unbatched 2-D"
+    if len(states) == 1:
+        raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {states[0].dim()}-D tensor")
+    dims = ", ".join(f"{s.dim()}-D" for s in states)
+    raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got ({dims}) tensors")
 
 
 def _let_dynamo_trace_rnn_subclasses():

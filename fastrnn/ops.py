@@ -1,4 +1,5 @@
-"""The fused stack: every layer and direction of one ``nn.RNN`` or ``nn.GRU`` call as a single autograd node.
+"""The fused stack: every layer and direction of one ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM`` call as a
+single autograd node.
 
 Under ``torch.compile`` it runs as the ``torch.library`` custom ops ``fastrnn::rnn_fwd`` and
 ``fastrnn::rnn_bwd`` (fake kernels, registered autograd), so the compiler sees one opaque node.
@@ -40,11 +41,11 @@ def profiler_label(template, *args):
 
 
 def _layer_states(states, index, num_layers):
-    """Layer ``index``'s (D, B, H) slice of an (L*D, B, H) hx-shaped tensor."""
+    """Layer ``index``'s (D, B, ...) slices of the (L*D, B, ...) state tensors, as a tuple."""
     if num_layers == 1:
-        return states
-    n_dir = states.shape[0] // num_layers
-    return states[index * n_dir : (index + 1) * n_dir]
+        return tuple(states)
+    n_dir = states[0].shape[0] // num_layers
+    return tuple(s[index * n_dir : (index + 1) * n_dir] for s in states)
 
 
 def _layer_input(x, outputs, masks, index):
@@ -66,7 +67,7 @@ def _split_inner(inner, num_layers, mode, valid_rows, seq_len, batch, n_dir):
 
 def _forward(
     x: Tensor,
-    hx: Tensor,
+    hx: Sequence[Tensor],
     weights: Sequence[Tensor],
     masks: Sequence[Tensor],
     lengths: Tensor,
@@ -75,21 +76,22 @@ def _forward(
     num_layers: int,
     mode: str,
     backend: str,
-) -> Tuple[Tensor, Tensor, List[Tensor]]:
-    """Returns output (T, B, D*H) [its (N, D*H) valid rows with ``valid_rows``], h_n (L*D, B, H)
-    and what backward needs besides: the padded outputs of layers 0..L-2, then each layer's saved
+) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    """hx: the initial states, [h0] or LSTM's [h0, c0], each (L*D, B, ...). Returns output
+    (T, B, D*P) [its (N, D*P) valid rows with ``valid_rows``], the final states like hx, and what
+    backward needs besides: the padded outputs of layers 0..L-2, then each layer's saved
     tensors (see :func:`_split_inner`)."""
     return _run_layers(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode, backend, True)
 
 
 def _run_layers(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode, backend, keep_saved):
     """:func:`_forward`; without ``keep_saved`` (inference) the cells may save nothing."""
-    n_dir = hx.shape[0] // num_layers
+    n_dir = hx[0].shape[0] // num_layers
     outputs, finals, saved = [], [], []
     with profiler_label("fastrnn::rnn_fwd[{},{},L={},D={}]", backend, mode, num_layers, n_dir):
         for index in range(num_layers):
             with profiler_label("fastrnn.layer{}", index):
-                out, h_n, layer_saved = _layer.forward(
+                out, layer_finals, layer_saved = _layer.forward(
                     _layer_input(x, outputs, masks, index),
                     _layer_states(hx, index, num_layers),
                     _layer.params_of(weights, index, num_layers, n_dir),
@@ -101,9 +103,9 @@ def _run_layers(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers,
                     keep_saved,
                 )
             outputs.append(out)
-            finals.append(h_n)
+            finals.append(layer_finals)
             saved.extend(layer_saved)
-    h_n = finals[0] if num_layers == 1 else torch.cat(finals)
+    h_n = list(finals[0]) if num_layers == 1 else [torch.cat(s) for s in zip(*finals)]
     output = outputs[-1] if valid_rows is None else select_rows(outputs[-1], valid_rows)
     if not keep_saved:
         saved = []
@@ -129,14 +131,15 @@ def _backward(
     backend,
     input_grad,
 ):
-    """Gradients of x (None unless ``input_grad``), hx and every weight, in ``weights`` order."""
-    n_dir = hx.shape[0] // num_layers
+    """Gradients of x (None unless ``input_grad``), of each state in hx (a list) and of every
+    weight, in ``weights`` order."""
+    n_dir, batch = hx[0].shape[0] // num_layers, hx[0].shape[1]
     if valid_rows is not None:  # the kernels run on the padded layout
-        output = scatter_rows(output, valid_rows, seq_len, hx.shape[1])
-        grad_out = scatter_rows(grad_out, valid_rows, seq_len, hx.shape[1])
-    inner_outputs, saved = _split_inner(inner, num_layers, mode, valid_rows, seq_len, hx.shape[1], n_dir)
+        output = scatter_rows(output, valid_rows, seq_len, batch)
+        grad_out = scatter_rows(grad_out, valid_rows, seq_len, batch)
+    inner_outputs, saved = _split_inner(inner, num_layers, mode, valid_rows, seq_len, batch, n_dir)
     outputs = [*inner_outputs, output]
-    grad_hx = [grad_hn] * num_layers  # every slot is overwritten below
+    grad_hx = [None] * num_layers  # every slot is overwritten below
     grad_weights = []  # each layer's gradients go in front, from the last layer back
     grad_layer_out = grad_out
     with profiler_label("fastrnn::rnn_bwd[{},{},L={},D={}]", backend, mode, num_layers, n_dir):
@@ -159,7 +162,8 @@ def _backward(
             grad_weights[:0] = [grad for direction in grad_params for grad in direction]
             if index > 0:
                 grad_layer_out = grad_in * masks[index - 1] if masks else grad_in
-    return grad_in, grad_hx[0] if num_layers == 1 else torch.cat(grad_hx), grad_weights
+    grad_states = list(grad_hx[0]) if num_layers == 1 else [torch.cat(g) for g in zip(*grad_hx)]
+    return grad_in, grad_states, grad_weights
 
 
 # Schemas inferred from the type hints: ints become SymInts, so sequence length and batch stay
@@ -169,20 +173,22 @@ rnn_fwd = torch.library.custom_op("fastrnn::rnn_fwd", _forward, mutates_args=())
 
 @rnn_fwd.register_fake
 def _(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode, backend):
-    n_dir, batch, hidden = hx.shape[0] // num_layers, hx.shape[1], hx.shape[2]
-    layer_out = lambda: x.new_empty(seq_len, batch, n_dir * hidden)  # noqa: E731
-    output = layer_out() if valid_rows is None else x.new_empty(valid_rows.shape[0], n_dir * hidden)
-    width = CELLS[mode].saved_per_step * hidden
+    cell = CELLS[mode]
+    n_dir, batch, out_width = hx[0].shape[0] // num_layers, hx[0].shape[1], hx[0].shape[2]
+    hidden = weights[1].shape[0] // cell.gates
+    layer_out = lambda: x.new_empty(seq_len, batch, n_dir * out_width)  # noqa: E731
+    output = layer_out() if valid_rows is None else x.new_empty(valid_rows.shape[0], n_dir * out_width)
+    width = cell.saved_per_step * hidden
     shape = (seq_len, batch, n_dir, width) if valid_rows is None else (valid_rows.shape[0], n_dir * width)
     saved = [x.new_empty(shape) for _ in range(num_layers)] if width else []
-    return output, hx.new_empty(hx.shape), [layer_out() for _ in range(num_layers - 1)] + saved
+    return output, [s.new_empty(s.shape) for s in hx], [layer_out() for _ in range(num_layers - 1)] + saved
 
 
 def _backward_op(
     grad_out: Tensor,
-    grad_hn: Tensor,
+    grad_hn: Sequence[Tensor],
     x: Tensor,
-    hx: Tensor,
+    hx: Sequence[Tensor],
     weights: Sequence[Tensor],
     masks: Sequence[Tensor],
     lengths: Tensor,
@@ -193,7 +199,7 @@ def _backward_op(
     num_layers: int,
     mode: str,
     backend: str,
-) -> Tuple[Tensor, Tensor, List[Tensor]]:
+) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     grad_x, grad_hx, grad_weights = _backward(
         grad_out,
         grad_hn,
@@ -221,7 +227,7 @@ rnn_bwd = torch.library.custom_op("fastrnn::rnn_bwd", _backward_op, mutates_args
 
 @rnn_bwd.register_fake
 def _(grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, output, inner, num_layers, mode, backend):
-    return torch.empty_like(x), torch.empty_like(hx), [torch.empty_like(w) for w in weights]
+    return torch.empty_like(x), [torch.empty_like(s) for s in hx], [torch.empty_like(w) for w in weights]
 
 
 def _setup_context(ctx, inputs, output):
@@ -230,26 +236,27 @@ def _setup_context(ctx, inputs, output):
     # Weights are saved as the parameters themselves (stacked copies are remade in backward), and
     # deeper layers' inputs are remade from the previous output and its dropout mask.
     rows = () if valid_rows is None else (valid_rows,)
-    ctx.save_for_backward(x, hx, lengths, output, *weights, *masks, *inner, *rows)
-    ctx.counts = (len(weights), len(masks), len(rows))
+    ctx.save_for_backward(x, lengths, output, *hx, *weights, *masks, *inner, *rows)
+    ctx.counts = (len(hx), len(weights), len(masks), len(rows))
     ctx.seq_len, ctx.config = seq_len, (num_layers, mode, backend)
 
 
 def _saved_arguments(ctx, grad_out, grad_hn):
     """The arguments of :func:`_backward` (less ``input_grad``) from what forward saved."""
-    x, hx, lengths, output, *rest = ctx.saved_tensors
-    n_weights, n_masks, n_rows = ctx.counts
+    x, lengths, output, *rest = ctx.saved_tensors
+    n_states, n_weights, n_masks, n_rows = ctx.counts
+    hx, rest = rest[:n_states], rest[n_states:]
     weights, masks = rest[:n_weights], rest[n_weights : n_weights + n_masks]
     inner = rest[n_weights + n_masks : len(rest) - n_rows]
     valid_rows = rest[-1] if n_rows else None
     grad_out = torch.zeros_like(output) if grad_out is None else grad_out
-    grad_hn = torch.zeros_like(hx) if grad_hn is None else grad_hn
+    grad_hn = [torch.zeros_like(s) if g is None else g for s, g in zip(hx, grad_hn)]
     return (grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, ctx.seq_len, output, inner, *ctx.config)
 
 
 def _op_gradients(ctx, grad_out, grad_hn, grad_inner):
     grad_x, grad_hx, grad_weights = rnn_bwd(*_saved_arguments(ctx, grad_out, grad_hn))
-    return grad_x, grad_hx, grad_weights, [None] * ctx.counts[1], None, None, None, None, None, None
+    return grad_x, grad_hx, grad_weights, [None] * ctx.counts[2], None, None, None, None, None, None
 
 
 rnn_fwd.register_autograd(_op_gradients, setup_context=_setup_context)
@@ -258,16 +265,26 @@ rnn_fwd.register_autograd(_op_gradients, setup_context=_setup_context)
 def _torch_gradients(
     grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode, needs_grad
 ):
-    """Gradients of x, hx and weights (None where ``needs_grad`` is False) from torch's autograd through
-    the reference loop: for the backward passes the kernels cannot serve. With ``create_graph``
-    (grad mode on in backward) the gradients keep their graph, so higher derivatives are torch's."""
+    """Gradients of x, each state of hx and the weights (None where ``needs_grad`` is False), as one
+    flat list, from torch's autograd through the reference loop: for the backward passes the
+    kernels cannot serve. With ``create_graph`` (grad mode on in backward) the gradients keep
+    their graph, so higher derivatives are torch's."""
     create_graph = torch.is_grad_enabled()
-    inputs = (x, hx, *weights)
+    inputs = (x, *hx, *weights)
+    n_states = len(hx)
     with torch.enable_grad():
         if not create_graph:  # a fresh graph over detached leaves, gone when this returns
             inputs = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs_grad)]
         output, h_n = reference.rnn(
-            inputs[0], inputs[1], list(inputs[2:]), masks, lengths, valid_rows, seq_len, num_layers, mode
+            inputs[0],
+            tuple(inputs[1 : 1 + n_states]),
+            list(inputs[1 + n_states :]),
+            masks,
+            lengths,
+            valid_rows,
+            seq_len,
+            num_layers,
+            mode,
         )
         # One gradient per distinct tensor: a tensor in two slots (tied weights) gets its whole
         # gradient in its first slot, as autograd sums the slots.
@@ -276,7 +293,7 @@ def _torch_gradients(
             if need:
                 slots.setdefault(id(t), t)
         grads = torch.autograd.grad(
-            (output, h_n), list(slots.values()), (grad_out, grad_hn), allow_unused=True, create_graph=create_graph
+            (output, *h_n), list(slots.values()), (grad_out, *grad_hn), allow_unused=True, create_graph=create_graph
         )
     by_id = dict(zip(slots, grads))
     return [by_id.pop(id(t), None) if need else None for t, need in zip(inputs, needs_grad)]
@@ -287,7 +304,7 @@ def _on_torch_in_backward(backend, grad_out, grad_hn):
     (``create_graph``), gradients the kernels cannot read (vmap over backward, subclasses), or a
     backend that failed here."""
     return (
-        torch.is_grad_enabled() or not backends.readable_by_kernels((grad_out, grad_hn)) or backend in backends.BROKEN
+        torch.is_grad_enabled() or not backends.readable_by_kernels((grad_out, *grad_hn)) or backend in backends.BROKEN
     )
 
 
@@ -306,19 +323,22 @@ def _guarded(backend, fused, fallback):
 
 
 class _EagerRNN(torch.autograd.Function):
+    # apply(x, lengths, valid_rows, masks, config, n_states, *states, *weights): autograd tracks
+    # only tensors given as arguments, so the states come flat.
     @staticmethod
-    def forward(ctx, x, hx, lengths, valid_rows, masks, config, *weights):
-        output = _forward(x, hx, list(weights), masks, lengths, valid_rows, *config)
+    def forward(ctx, x, lengths, valid_rows, masks, config, n_states, *tensors):
+        hx, weights = list(tensors[:n_states]), list(tensors[n_states:])
+        output = _forward(x, hx, weights, masks, lengths, valid_rows, *config)
         _setup_context(ctx, (x, hx, weights, masks, lengths, valid_rows, *config), output)
-        return output[:2]
+        return output[0], *output[1]
 
     @staticmethod
-    def backward(ctx, grad_out, grad_hn):
+    def backward(ctx, grad_out, *grad_hn):
         arguments = _saved_arguments(ctx, grad_out, grad_hn)
         grad_out, grad_hn, x, hx, weights, masks, lengths, valid_rows, seq_len, _, _, num_layers, mode, backend = (
             arguments
         )
-        needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[6:])
+        needs_grad = (ctx.needs_input_grad[0], *ctx.needs_input_grad[6:])
 
         def on_torch():
             return _torch_gradients(
@@ -326,54 +346,59 @@ class _EagerRNN(torch.autograd.Function):
             )
 
         if _on_torch_in_backward(backend, grad_out, grad_hn):
-            grad_x, grad_hx, *grad_weights = on_torch()
+            grad_x, *grads = on_torch()
         else:
             grad_x, grad_hx, grad_weights = _guarded(
-                backend, lambda: _backward(*arguments, ctx.needs_input_grad[0]), lambda: _regrouped(on_torch())
+                backend, lambda: _backward(*arguments, ctx.needs_input_grad[0]), lambda: _regrouped(on_torch(), len(hx))
             )
-        return grad_x, grad_hx, None, None, None, None, *grad_weights
+            grads = [*grad_hx, *grad_weights]
+        return grad_x, None, None, None, None, None, *grads
 
 
-def _regrouped(gradients):
-    grad_x, grad_hx, *grad_weights = gradients
-    return grad_x, grad_hx, grad_weights
+def _regrouped(gradients, n_states):
+    grad_x, *grads = gradients
+    return grad_x, grads[:n_states], grads[n_states:]
 
 
 def _fused_layer_forward(x, hx, weights, lengths, mode, backend, keep_saved=True):
-    """One padded layer that the backend runs whole: (output (T, B, D*H), h_n, saved)."""
-    n_dir = hx.shape[0]
+    """One padded layer that the backend runs whole: (output (T, B, D*P), final states, saved)."""
+    n_dir = hx[0].shape[0]
     params = _layer.params_of(weights, 0, 1, n_dir)
     with profiler_label("fastrnn::rnn_fwd[{},{},L=1,D={}]", backend, mode, n_dir):
-        return _layer.forward(x, hx, params, lengths, None, x.shape[0], mode, backend, keep_saved)
+        return _layer.forward(x, tuple(hx), params, lengths, None, x.shape[0], mode, backend, keep_saved)
 
 
 class _EagerFusedLayer(torch.autograd.Function):
     """One padded layer that the backend runs whole (``fuses_whole_layer``): the same per-layer
     functions and results as :class:`_EagerRNN`, without the stack's bookkeeping (layer loops and
     lists, packing and unpacking the saved arguments), which cost about 20 us of a ~350 us
-    training step at T=100, B=1, H=64 (measured in paired rounds on the 2-core EPYC)."""
+    training step at T=100, B=1, H=64 (measured in paired rounds on the 2-core EPYC).
+    apply(x, lengths, config, n_states, *states, *weights)."""
 
     @staticmethod
-    def forward(ctx, x, hx, lengths, config, *weights):
-        output, h_n, saved = _fused_layer_forward(x, hx, weights, lengths, *config)
-        ctx.save_for_backward(x, hx, lengths, output, *saved, *weights)
-        ctx.config, ctx.n_saved = config, len(saved)
-        return output, h_n
+    def forward(ctx, x, lengths, config, n_states, *tensors):
+        hx, weights = tensors[:n_states], tensors[n_states:]
+        output, finals, saved = _fused_layer_forward(x, hx, weights, lengths, *config)
+        ctx.save_for_backward(x, lengths, output, *hx, *saved, *weights)
+        ctx.config, ctx.counts = config, (n_states, len(saved))
+        return output, *finals
 
     @staticmethod
-    def backward(ctx, grad_out, grad_hn):
-        x, hx, lengths, output, *rest = ctx.saved_tensors
-        saved, weights = tuple(rest[: ctx.n_saved]), rest[ctx.n_saved :]
+    def backward(ctx, grad_out, *grad_hn):
+        x, lengths, output, *rest = ctx.saved_tensors
+        n_states, n_saved = ctx.counts
+        hx, saved, weights = rest[:n_states], tuple(rest[n_states : n_states + n_saved]), rest[n_states + n_saved :]
         mode, backend = ctx.config
+        grad_hn = [torch.zeros_like(s) if g is None else g for s, g in zip(hx, grad_hn)]
         if _on_torch_in_backward(backend, grad_out, grad_hn):
-            needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[4:])
-            grad_x, grad_h0, *grad_weights = _torch_gradients(
+            needs_grad = (ctx.needs_input_grad[0], *ctx.needs_input_grad[4:])
+            grad_x, *grads = _torch_gradients(
                 grad_out, grad_hn, x, hx, weights, [], lengths, None, x.shape[0], 1, mode, needs_grad
             )
-            return grad_x, grad_h0, None, None, *grad_weights
-        n_dir = hx.shape[0]
+            return grad_x, None, None, None, *grads
+        n_dir = hx[0].shape[0]
         with profiler_label("fastrnn::rnn_bwd[{},{},L=1,D={}]", backend, mode, n_dir):
-            grad_x, grad_h0, grad_params = _layer.backward(
+            grad_x, grad_states, grad_params = _layer.backward(
                 grad_out,
                 grad_hn,
                 x,
@@ -387,48 +412,63 @@ class _EagerFusedLayer(torch.autograd.Function):
                 backend,
                 ctx.needs_input_grad[0],
             )
-        return grad_x, grad_h0, None, None, *(grad for direction in grad_params for grad in direction)
+        return grad_x, None, None, None, *grad_states, *(grad for direction in grad_params for grad in direction)
 
 
 def rnn(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode, backend):
-    """The fused stack of ``nn.RNN`` or ``nn.GRU``; returns (output, h_n (L*D, B, H)).
+    """The fused stack of ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM``; returns (output, h_n), h_n in hx's form.
 
-    x and output: padded (T, B, I) and (T, B, D*H), or the valid rows (see valid_rows);
-    hx (L*D, B, H); weights as ``nn.RNNBase._flat_weights`` (per direction w_ih, w_hh and zero,
-    one or two biases; Elman sums them); masks: the L-1 dropout masks (already scaled, padded
-    (T, B, D*H)) applied to each layer's output before the next, or []; lengths (B,) int64 on x's
+    x and output: padded (T, B, I) and (T, B, D*P), or the valid rows (see valid_rows);
+    hx (L*D, B, H), or for LSTM the tuple (h0 (L*D, B, P), c0 (L*D, B, H)) (P = proj_size, or H);
+    weights as ``nn.RNNBase._flat_weights`` (per direction w_ih, w_hh, zero, one or two biases,
+    and LSTM's w_hr; Elman sums the biases); masks: the L-1 dropout masks (already scaled, padded
+    (T, B, D*P)) applied to each layer's output before the next, or []; lengths (B,) int64 on x's
     device; seq_len: T; mode: the cell (``fastrnn.cells``). valid_rows: None, or the flat indices
     t*B + b with t < lengths[b] (ascending: a PackedSequence's order); then x and output are those
-    rows alone, (N, I) and (N, D*H), and the GEMMs skip the padding.
+    rows alone, (N, I) and (N, D*P), and the GEMMs skip the padding.
     """
     if (valid_rows is None) != (x.dim() == 3):
         raise ValueError(f"x must be (T, B, I) without valid_rows and (N, I) with them, got {tuple(x.shape)}")
-    x, hx, weights = x.contiguous(), hx.contiguous(), [w.contiguous() for w in weights]
+    as_tuple = isinstance(hx, (tuple, list))
+    states = [s.contiguous() for s in (hx if as_tuple else (hx,))]
+    x, weights = x.contiguous(), [w.contiguous() for w in weights]
+    config = (seq_len, num_layers, mode, backend)
     if torch.compiler.is_compiling():
-        output, h_n, _ = rnn_fwd(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode, backend)
-        return output, h_n
-    return _guarded(
-        backend,
-        lambda: _eager(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode, backend),
-        lambda: reference.rnn(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode),
-    )
+        output, finals, _ = rnn_fwd(x, states, weights, masks, lengths, valid_rows, *config)
+    else:
+        output, finals = _guarded(
+            backend,
+            lambda: _eager(x, states, weights, masks, lengths, valid_rows, *config),
+            lambda: _flat(reference.rnn(x, tuple(states), weights, masks, lengths, valid_rows, *config[:3])),
+        )
+    return output, (tuple(finals) if as_tuple else finals[0])
+
+
+def _flat(result):
+    output, finals = result
+    return output, list(finals)
 
 
 def _eager(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode, backend):
+    """(output, final states as a list) of :func:`rnn` outside torch.compile."""
+    n_states, config = len(hx), (seq_len, num_layers, mode, backend)
     fused_layer = (
         num_layers == 1
         and valid_rows is None
         and backends.kernels(backend, mode).fuses_whole_layer(
-            seq_len, x.shape[1], x.shape[2], hx.shape[0], hx.shape[2], mode
+            seq_len, x.shape[1], x.shape[2], hx[0].shape[0], weights[1].shape[0] // CELLS[mode].gates, mode
         )
     )
-    if torch.is_grad_enabled() and (x.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights)):
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*hx, *weights))):
         if fused_layer:
-            return _EagerFusedLayer.apply(x, hx, lengths, (mode, backend), *weights)
-        return _EagerRNN.apply(x, hx, lengths, valid_rows, masks, (seq_len, num_layers, mode, backend), *weights)
+            output, *finals = _EagerFusedLayer.apply(x, lengths, (mode, backend), n_states, *hx, *weights)
+        else:
+            output, *finals = _EagerRNN.apply(x, lengths, valid_rows, masks, config, n_states, *hx, *weights)
+        return output, finals
     # Nothing to differentiate: skip the autograd.Function (about 20 us, a fifth of a small call),
-    # and let the cells skip what only backward reads (GRU's gates: 4x the output's bytes).
+    # and let the cells skip what only backward reads (GRU's and LSTM's gates: 4-5x the output's bytes).
     if fused_layer:
-        return _fused_layer_forward(x, hx, weights, lengths, mode, backend, keep_saved=False)[:2]
-    output, h_n, _ = _run_layers(x, hx, weights, masks, lengths, valid_rows, seq_len, num_layers, mode, backend, False)
-    return output, h_n
+        output, finals, _ = _fused_layer_forward(x, hx, weights, lengths, mode, backend, keep_saved=False)
+        return output, list(finals)
+    output, finals, _ = _run_layers(x, hx, weights, masks, lengths, valid_rows, *config, keep_saved=False)
+    return output, finals

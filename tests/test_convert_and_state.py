@@ -25,7 +25,7 @@ def test_convert_swaps_rnns_in_place_and_keeps_everything():
     state = copy.deepcopy(model.state_dict())
     assert fastrnn.convert(model) is model
     assert type(model[0]) is fastrnn.RNN and type(model[2][0]) is fastrnn.RNN
-    assert type(model[1]) is nn.LSTM
+    assert type(model[1]) is fastrnn.LSTM
     assert all(p is params[name] for name, p in model.named_parameters())
     assert not model[0].weight_hh_l1.requires_grad and not model[0].training
     assert isinstance(model[0], nn.RNN)
@@ -158,17 +158,20 @@ def _gru_twins(*args, **kwargs):
     return ref, fast
 
 
-def test_convert_swaps_grus_and_classes_chooses_which():
-    model = nn.Sequential(nn.RNN(3, 4), nn.GRU(4, 4, num_layers=2), nn.LSTM(4, 4))
+def test_convert_swaps_grus_and_lstms_and_classes_chooses_which():
+    model = nn.Sequential(nn.RNN(3, 4), nn.GRU(4, 4, num_layers=2), nn.LSTM(4, 4, proj_size=2))
     params = {name: p for name, p in model.named_parameters()}
     fastrnn.convert(model, classes=[nn.GRU])
     assert [type(m) for m in model] == [nn.RNN, fastrnn.GRU, nn.LSTM]
+    fastrnn.convert(model, classes=[nn.LSTM])
+    assert [type(m) for m in model] == [nn.RNN, fastrnn.GRU, fastrnn.LSTM]
     fastrnn.convert(model)
-    assert [type(m) for m in model] == [fastrnn.RNN, fastrnn.GRU, nn.LSTM]
+    assert [type(m) for m in model] == [fastrnn.RNN, fastrnn.GRU, fastrnn.LSTM]
     assert all(p is params[name] for name, p in model.named_parameters())
     assert repr(model[1]) == "GRU(4, 4, num_layers=2)" and isinstance(model[1], nn.GRU)
-    with pytest.raises(ValueError, match="LSTM"):
-        fastrnn.convert(model, classes=[nn.LSTM])
+    assert repr(model[2]) == "LSTM(4, 4, proj_size=2)" and isinstance(model[2], nn.LSTM)
+    with pytest.raises(ValueError, match="RNNCell"):
+        fastrnn.convert(model, classes=[nn.RNNCell])
 
 
 def test_converted_gru_matches_torch():

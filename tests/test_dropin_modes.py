@@ -227,12 +227,12 @@ def test_python_threads_share_a_module(cls):
 def test_schemas_inferred_from_type_hints_take_symbolic_sizes():
     common = "Tensor[] weights, Tensor[] masks, Tensor lengths, Tensor? valid_rows, SymInt seq_len"
     assert str(ops.rnn_fwd._opoverload._schema) == (
-        f"fastrnn::rnn_fwd(Tensor x, Tensor hx, {common}, SymInt num_layers, str mode, str backend) "
-        "-> (Tensor, Tensor, Tensor[])"
+        f"fastrnn::rnn_fwd(Tensor x, Tensor[] hx, {common}, SymInt num_layers, str mode, str backend) "
+        "-> (Tensor, Tensor[], Tensor[])"
     )
     assert str(ops.rnn_bwd._opoverload._schema) == (
-        f"fastrnn::rnn_bwd(Tensor grad_out, Tensor grad_hn, Tensor x, Tensor hx, {common}, Tensor output, "
-        "Tensor[] inner, SymInt num_layers, str mode, str backend) -> (Tensor, Tensor, Tensor[])"
+        f"fastrnn::rnn_bwd(Tensor grad_out, Tensor[] grad_hn, Tensor x, Tensor[] hx, {common}, Tensor output, "
+        "Tensor[] inner, SymInt num_layers, str mode, str backend) -> (Tensor, Tensor[], Tensor[])"
     )
 
 

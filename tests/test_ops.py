@@ -38,6 +38,13 @@ def _stack_inputs(L=2, D=2, T=4, B=3, I=2, H=3, biases=2, dropout=True, skip_pad
     return x, make(L * D, B, H), weights, masks, lengths, valid_rows, T, L
 
 
+def _fwd_op(x, hx, *rest):
+    """fastrnn::rnn_fwd called as ops.rnn is: hx a tensor or LSTM's (h0, c0), h_n in its form."""
+    states = list(hx) if isinstance(hx, tuple) else [hx]
+    out, finals, inner = torch.ops.fastrnn.rnn_fwd(x, states, *rest)
+    return out, (tuple(finals) if isinstance(hx, tuple) else finals[0]), inner
+
+
 _OPCHECK_STACKS = [(1, 1, 2, False, False), (1, 2, 0, False, True), (2, 2, 2, True, True), (3, 1, 1, True, False)]
 
 
@@ -48,7 +55,8 @@ _OPCHECK_STACKS = [(1, 1, 2, False, False), (1, 2, 0, False, True), (2, 2, 2, Tr
 )
 def test_opcheck(mode, L, D, biases, dropout, skip_padding):
     args = _stack_inputs(L=L, D=D, biases=biases, dropout=dropout, skip_padding=skip_padding, mode=mode)
-    torch.library.opcheck(torch.ops.fastrnn.rnn_fwd, (*args, mode, "numba"))
+    x, hx, *rest = args
+    torch.library.opcheck(torch.ops.fastrnn.rnn_fwd, (x, [hx], *rest, mode, "numba"))
 
 
 @pytest.mark.parametrize("mode", ["RNN_TANH", "GRU"])
@@ -203,7 +211,7 @@ def test_double_backward_of_unsorted_lengths_is_torchs():
 def test_custom_op_backward_has_no_double_backward():
     """Like torch.compile itself (AOTAutograd has no double backward): it fails loudly."""
     x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs()
-    out, _, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, valid_rows, T, L, "RNN_TANH", "numba")
+    out, _, _ = _fwd_op(x, hx, weights, masks, lengths, valid_rows, T, L, "RNN_TANH", "numba")
     (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="rnn_bwd"):
         grad_x.sum().backward()
@@ -213,7 +221,7 @@ def test_custom_op_backward_has_no_double_backward():
 def test_eager_function_and_custom_op_agree_exactly(mode):
     x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs(mode=mode)
     results = []
-    for fn in (ops.rnn, torch.ops.fastrnn.rnn_fwd):
+    for fn in (ops.rnn, _fwd_op):
         out, h_n, *_ = fn(x, hx, weights, masks, lengths, valid_rows, T, L, mode, "numba")
         grads = torch.autograd.grad((out**2).sum() + h_n.sum(), (x, hx, *weights))
         results.append([out, h_n, *grads])
@@ -226,7 +234,7 @@ def test_gradients_skip_an_input_that_needs_none(mode):
     x.requires_grad_(False)
     out, h_n = ops.rnn(x, hx, weights, masks, lengths, valid_rows, T, L, mode, "numba")
     grads = torch.autograd.grad(out.sum() + h_n.sum(), (hx, *weights))
-    out, h_n, _ = torch.ops.fastrnn.rnn_fwd(x, hx, weights, masks, lengths, valid_rows, T, L, mode, "numba")
+    out, h_n, _ = _fwd_op(x, hx, weights, masks, lengths, valid_rows, T, L, mode, "numba")
     expected = torch.autograd.grad(out.sum() + h_n.sum(), (hx, *weights))
     assert all(torch.equal(a, b) for a, b in zip(grads, expected))
 
@@ -269,7 +277,7 @@ def test_single_fused_layer_node_matches_the_stack_op_exactly(D, biases, layer_k
         L=1, D=D, biases=biases, dropout=False, skip_padding=False, mode=mode
     )
     results = []
-    for fn in (ops.rnn, torch.ops.fastrnn.rnn_fwd):
+    for fn in (ops.rnn, _fwd_op):
         out, h_n, *_ = fn(x, hx, weights, masks, lengths, valid_rows, T, L, mode, "numba")
         if fn is ops.rnn:  # a layer small enough to run whole takes the lean node
             node = "_EagerFusedLayerBackward" if layer_kernels == "whole-layer" else "_EagerRNNBackward"

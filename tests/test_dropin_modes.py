@@ -19,15 +19,22 @@ from torch.nn.utils.rnn import pack_sequence
 
 import fastrnn
 from fastrnn import backends, ops
-from helpers import assert_close, compare, twins
+from helpers import assert_close, compare, initial_states, state_sum, states, twins
 
 SHAPES = [dict(), dict(num_layers=2, bidirectional=True, nonlinearity="relu")]
 # Every test of a module path runs for each cell's torch class.
-CLASSES = pytest.mark.parametrize("cls", [torch.nn.RNN, torch.nn.GRU], ids=["RNN", "GRU"])
+CLASSES = pytest.mark.parametrize("cls", [torch.nn.RNN, torch.nn.GRU, torch.nn.LSTM], ids=["RNN", "GRU", "LSTM"])
 
 
-def _output_sum(module):
-    return lambda x, h: sum(t.sum() for t in module(x, h))
+def _flat(result):
+    """(output, h_n) or an LSTM's (output, (h_n, c_n)) as one flat tuple of tensors."""
+    output, h_n = result
+    return (output, *states(h_n))
+
+
+def _on_flat_states(module, n_states):
+    """module(x, hx) with hx given as n_states tensors, returning flat outputs (gradcheck's form)."""
+    return lambda x, *h: _flat(module(x, h[0] if n_states == 1 else tuple(h)))
 
 
 @pytest.mark.usefixtures("layer_kernels")
@@ -38,9 +45,10 @@ def test_gradgradcheck_and_batched_gradients(options, cls):
         options = {k: v for k, v in options.items() if k != "nonlinearity"}
     _, fast = twins(3, 4, cls=cls, **options)
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
-    h = torch.randn(fast.num_layers * (1 + fast.bidirectional), 2, 4, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(lambda x, h: fast(x, h), (x, h), check_batched_grad=True)
-    assert gradgradcheck(lambda x, h: fast(x, h), (x, h), check_batched_grad=True)
+    h = states(initial_states(fast, 2))
+    fn = _on_flat_states(fast, len(h))
+    assert gradcheck(fn, (x, *h), check_batched_grad=True)
+    assert gradgradcheck(fn, (x, *h), check_batched_grad=True)
 
 
 @CLASSES
@@ -51,7 +59,7 @@ def test_gradgradcheck_packed_with_dropout(cls):
     def run(*seqs):
         torch.manual_seed(0)  # the same dropout masks on every call
         out, h_n = fast(pack_sequence(seqs, enforce_sorted=False))
-        return out.data, h_n
+        return out.data, *states(h_n)
 
     assert gradgradcheck(run, seqs)
 
@@ -254,9 +262,9 @@ def test_compile_with_dynamic_lengths_and_batch_compiles_once(cls):
             results.append(
                 (
                     out,
-                    h_n,
+                    *states(h_n),
                     *torch.autograd.grad(
-                        (out.sum() + h_n.sum()),
+                        (out.sum() + state_sum(h_n)),
                         [x, *fast.parameters()] if module is compiled else [x, *ref.parameters()],
                     ),
                 )

@@ -7,7 +7,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fastrnn
 from fastrnn import backends, functional, ops
 from fastrnn.cells import CELLS
-from helpers import assert_close, example, twins
+from helpers import assert_close, example, state_sum, states, twins
 
 pytestmark = pytest.mark.usefixtures("layer_kernels")
 
@@ -21,8 +21,8 @@ def _layer_inputs(T=4, B=3, I=2, H=3, D=2, dtype=F64, bias=True, requires_grad=T
 
 
 def _stack_inputs(L=2, D=2, T=4, B=3, I=2, H=3, biases=2, dropout=True, skip_padding=True, mode="RNN_TANH"):
-    """Arguments of fastrnn::rnn_fwd (less mode and backend) for an L-layer stack of cell ``mode``
-    with fixed dropout masks."""
+    """Arguments of ops.rnn (less mode and backend) for an L-layer stack of cell ``mode`` with fixed
+    dropout masks; hx is a tensor, or LSTM's (h0, c0)."""
     G = CELLS[mode].gates
     g = torch.Generator().manual_seed(0)
     make = lambda *shape: (torch.randn(*shape, generator=g, dtype=F64) * 0.5).requires_grad_()  # noqa: E731
@@ -35,13 +35,13 @@ def _stack_inputs(L=2, D=2, T=4, B=3, I=2, H=3, biases=2, dropout=True, skip_pad
     # Skipping padding, the op takes and returns the valid rows alone.
     valid_rows = functional.valid_rows_of(lengths, T) if skip_padding else None
     x = make(T, B, I) if valid_rows is None else make(len(valid_rows), I)
-    return x, make(L * D, B, H), weights, masks, lengths, valid_rows, T, L
+    hx = tuple(make(L * D, B, H) for _ in range(CELLS[mode].states))
+    return x, (hx if len(hx) > 1 else hx[0]), weights, masks, lengths, valid_rows, T, L
 
 
 def _fwd_op(x, hx, *rest):
     """fastrnn::rnn_fwd called as ops.rnn is: hx a tensor or LSTM's (h0, c0), h_n in its form."""
-    states = list(hx) if isinstance(hx, tuple) else [hx]
-    out, finals, inner = torch.ops.fastrnn.rnn_fwd(x, states, *rest)
+    out, finals, inner = torch.ops.fastrnn.rnn_fwd(x, list(states(hx)), *rest)
     return out, (tuple(finals) if isinstance(hx, tuple) else finals[0]), inner
 
 
@@ -56,16 +56,27 @@ _OPCHECK_STACKS = [(1, 1, 2, False, False), (1, 2, 0, False, True), (2, 2, 2, Tr
 def test_opcheck(mode, L, D, biases, dropout, skip_padding):
     args = _stack_inputs(L=L, D=D, biases=biases, dropout=dropout, skip_padding=skip_padding, mode=mode)
     x, hx, *rest = args
-    torch.library.opcheck(torch.ops.fastrnn.rnn_fwd, (x, [hx], *rest, mode, "numba"))
+    torch.library.opcheck(torch.ops.fastrnn.rnn_fwd, (x, list(states(hx)), *rest, mode, "numba"))
 
 
-@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU"])
+def _flat_op(x, hx, weights, masks, lengths, valid_rows, T, L, mode):
+    """ops.rnn as a function of flat tensors (x, *states, *weights) with flat results, for gradcheck."""
+    n_states = len(states(hx))
+
+    def run(x, *tensors):
+        hx = tensors[:n_states] if n_states > 1 else tensors[0]
+        out, h_n = ops.rnn(x, hx, list(tensors[n_states:]), masks, lengths, valid_rows, T, L, mode, "numba")
+        return out, *states(h_n)
+
+    return run, (x, *states(hx), *weights)
+
+
+@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU", "LSTM"])
 @pytest.mark.parametrize("L,D", [(2, 2), (3, 1)])
 @pytest.mark.parametrize("skip_padding", [False, True])
 def test_gradcheck_stack_with_dropout_masks(L, D, skip_padding, mode):
-    x, hx, weights, masks, lengths, valid_rows, T, _ = _stack_inputs(L=L, D=D, skip_padding=skip_padding, mode=mode)
-    fn = lambda x, hx, *weights: ops.rnn(x, hx, list(weights), masks, lengths, valid_rows, T, L, mode, "numba")  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, hx, *weights))
+    args = _stack_inputs(L=L, D=D, skip_padding=skip_padding, mode=mode)
+    assert torch.autograd.gradcheck(*_flat_op(*args, mode))
 
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
@@ -155,7 +166,7 @@ def _saved_bytes(module, x, beyond_outputs=False):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         output, h_n = module(x)
-    held = (getattr(x, "data", x), *module.parameters(), getattr(output, "data", output), h_n)
+    held = (getattr(x, "data", x), *module.parameters(), getattr(output, "data", output), *states(h_n))
     exclude = {t.untyped_storage().data_ptr() for t in held} if beyond_outputs else ()
     return sum(n for ptr, n in seen.items() if ptr not in exclude)
 
@@ -217,26 +228,26 @@ def test_custom_op_backward_has_no_double_backward():
         grad_x.sum().backward()
 
 
-@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU"])
+@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU", "LSTM"])
 def test_eager_function_and_custom_op_agree_exactly(mode):
     x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs(mode=mode)
     results = []
     for fn in (ops.rnn, _fwd_op):
         out, h_n, *_ = fn(x, hx, weights, masks, lengths, valid_rows, T, L, mode, "numba")
-        grads = torch.autograd.grad((out**2).sum() + h_n.sum(), (x, hx, *weights))
-        results.append([out, h_n, *grads])
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+        grads = torch.autograd.grad((out**2).sum() + state_sum(h_n), (x, *states(hx), *weights))
+        results.append([out, *states(h_n), *grads])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
-@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU"])
+@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU", "LSTM"])
 def test_gradients_skip_an_input_that_needs_none(mode):
     x, hx, weights, masks, lengths, valid_rows, T, L = _stack_inputs(mode=mode)
     x.requires_grad_(False)
     out, h_n = ops.rnn(x, hx, weights, masks, lengths, valid_rows, T, L, mode, "numba")
-    grads = torch.autograd.grad(out.sum() + h_n.sum(), (hx, *weights))
+    grads = torch.autograd.grad(out.sum() + state_sum(h_n), (*states(hx), *weights))
     out, h_n, _ = _fwd_op(x, hx, weights, masks, lengths, valid_rows, T, L, mode, "numba")
-    expected = torch.autograd.grad(out.sum() + h_n.sum(), (hx, *weights))
-    assert all(torch.equal(a, b) for a, b in zip(grads, expected))
+    expected = torch.autograd.grad(out.sum() + state_sum(h_n), (*states(hx), *weights))
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected, strict=True))
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -269,7 +280,7 @@ def test_valid_rows_need_x_as_rows():
         ops.rnn(padded, hx, weights, masks, lengths, valid_rows, T, L, "RNN_TANH", "numba")
 
 
-@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU"])
+@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU", "LSTM"])
 @pytest.mark.parametrize("D", [1, 2])
 @pytest.mark.parametrize("biases", [0, 2])
 def test_single_fused_layer_node_matches_the_stack_op_exactly(D, biases, layer_kernels, mode):
@@ -282,9 +293,9 @@ def test_single_fused_layer_node_matches_the_stack_op_exactly(D, biases, layer_k
         if fn is ops.rnn:  # a layer small enough to run whole takes the lean node
             node = "_EagerFusedLayerBackward" if layer_kernels == "whole-layer" else "_EagerRNNBackward"
             assert type(out.grad_fn).__name__ == node
-        grads = torch.autograd.grad((out**2).sum() + h_n.sum(), (x, hx, *weights))
-        results.append([out, h_n, *grads])
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+        grads = torch.autograd.grad((out**2).sum() + state_sum(h_n), (x, *states(hx), *weights))
+        results.append([out, *states(h_n), *grads])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 def test_gru_inference_saves_no_gates_and_computes_the_same(monkeypatch):
@@ -309,3 +320,44 @@ def test_gru_inference_saves_no_gates_and_computes_the_same(monkeypatch):
     training = fast(x.requires_grad_())
     assert kept[2:] == [1, 1]
     assert all(torch.equal(a, b) for a, b in zip(inference, training))
+
+
+@pytest.mark.parametrize("cls", [torch.nn.GRU, torch.nn.LSTM], ids=["GRU", "LSTM"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("proj_size", [0, 8])
+def test_gated_cells_save_no_more_than_torch_for_backward(cls, packed, proj_size):
+    """GRU keeps [r, z, n, W_hn h + b_hn] per step, LSTM [i, f, g, o, c_t]: together with x and
+    the output, no more bytes than torch's own CPU cells keep."""
+    if proj_size and cls is not torch.nn.LSTM:
+        pytest.skip("proj_size is LSTM's")
+    kwargs = {"proj_size": proj_size} if proj_size else {}
+    ref, fast = twins(32, 32, num_layers=2, bidirectional=True, dtype=torch.float32, cls=cls, **kwargs)
+    x = torch.randn(50, 8, 32, requires_grad=True)
+    if packed:
+        x = pack_padded_sequence(x, torch.tensor([50, 45, 40, 30, 20, 10, 8, 5]), enforce_sorted=False)
+    ours, theirs = _saved_bytes(fast, x), _saved_bytes(ref, x)
+    assert 0 < ours <= theirs, f"fastrnn saves {ours} B, torch {theirs} B"
+
+
+def test_lstm_inference_saves_no_gates_and_computes_the_same(monkeypatch):
+    """Under no_grad the LSTM kernels store no gates or cell states (5x the output's bytes)."""
+    kernels = backends.kernels("numba", "LSTM")
+    kept = []
+    for name in ("forward", "layer_forward"):
+        original = getattr(kernels, name)
+
+        def recording(*args, original=original, **kwargs):
+            result = original(*args, **kwargs)
+            kept.append(len(result[2]))
+            return result
+
+        monkeypatch.setattr(kernels, name, recording)
+    _, fast = twins(3, 5, num_layers=2, bidirectional=True, proj_size=2, cls=torch.nn.LSTM)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        inference = fast(x)
+    assert kept == [0, 0]
+    training = fast(x.requires_grad_())
+    assert kept[2:] == [1, 1]
+    assert torch.equal(inference[0], training[0])
+    assert all(torch.equal(a, b) for a, b in zip(states(inference[1]), states(training[1]), strict=True))

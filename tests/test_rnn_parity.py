@@ -1,5 +1,5 @@
-"""fastrnn.RNN and fastrnn.GRU against torch.nn.RNN and torch.nn.GRU: outputs, h_n and every
-gradient, over every option."""
+"""fastrnn.RNN, GRU and LSTM against torch.nn.RNN, GRU and LSTM: outputs, h_n (and c_n) and every
+gradient, over every option (LSTM's proj_size included)."""
 
 import collections
 import itertools
@@ -10,18 +10,21 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pack_sequen
 
 import fastrnn
 from fastrnn import backends
-from helpers import assert_close, compare, tolerance, twins
+from helpers import assert_close, compare, initial_states, state_sum, states, tolerance, twins
 
 pytestmark = pytest.mark.usefixtures("layer_kernels")
 
-RNN, GRU = (torch.nn.RNN, fastrnn.RNN), (torch.nn.GRU, fastrnn.GRU)
+RNN, GRU, LSTM = (torch.nn.RNN, fastrnn.RNN), (torch.nn.GRU, fastrnn.GRU), (torch.nn.LSTM, fastrnn.LSTM)
 # Each test that is about the module runs on every (torch class, fastrnn class) pair.
-CLASSES = [pytest.param(RNN, id="RNN"), pytest.param(GRU, id="GRU")]
-# Tests about the cell's arithmetic run the RNN's nonlinearities too: (classes, extra kwargs).
+CLASSES = [pytest.param(RNN, id="RNN"), pytest.param(GRU, id="GRU"), pytest.param(LSTM, id="LSTM")]
+# Tests about the cell's arithmetic run the RNN's nonlinearities and LSTM's projection too:
+# (classes, extra kwargs).
 CELLS = [
     pytest.param(RNN, {"nonlinearity": "tanh"}, id="RNN-tanh"),
     pytest.param(RNN, {"nonlinearity": "relu"}, id="RNN-relu"),
     pytest.param(GRU, {}, id="GRU"),
+    pytest.param(LSTM, {}, id="LSTM"),
+    pytest.param(LSTM, {"proj_size": 2}, id="LSTM-proj"),
 ]
 
 
@@ -52,7 +55,7 @@ def test_the_fused_kernels_run(classes, packed, layer_kernels, monkeypatch):
     if packed:
         x = pack_sequence(_packed_case(False), enforce_sorted=False)
         out, h_n = fast(x)
-        (out.data.sum() + h_n.sum()).backward()
+        (out.data.sum() + state_sum(h_n)).backward()
     else:
         compare(ref, fast, torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True))
     names = ("forward", "backward") if layer_kernels == "split" else ("layer_forward", "layer_backward")
@@ -77,12 +80,7 @@ def test_every_option_float64(classes, cell_kwargs, bias, batch_first, num_layer
     )
     T, B = 5, 3
     x = torch.randn((B, T, 4) if batch_first else (T, B, 4), dtype=torch.float64, requires_grad=True)
-    hx = (
-        torch.randn(num_layers * (1 + bidirectional), B, 6, dtype=torch.float64, requires_grad=True)
-        if with_hx
-        else None
-    )
-    compare(ref, fast, x, hx)
+    compare(ref, fast, x, initial_states(ref, B) if with_hx else None)
 
 
 @pytest.mark.parametrize("classes", CLASSES)
@@ -92,8 +90,7 @@ def test_every_option_float64(classes, cell_kwargs, bias, batch_first, num_layer
 def test_lengths_and_sizes_float32(classes, T, B, H, bidirectional):
     ref, fast = pair(classes, 7, H, bidirectional=bidirectional, dtype=torch.float32)
     x = torch.randn(T, B, 7, requires_grad=True)
-    hx = torch.randn(1 + bidirectional, B, H, requires_grad=True)
-    compare(ref, fast, x, hx)
+    compare(ref, fast, x, initial_states(ref, B, torch.float32))
 
 
 @pytest.mark.parametrize("classes", CLASSES)
@@ -101,8 +98,7 @@ def test_lengths_and_sizes_float32(classes, T, B, H, bidirectional):
 def test_odd_sizes_float64(classes, I, H, num_layers):
     ref, fast = pair(classes, I, H, num_layers=num_layers, bidirectional=True)
     x = torch.randn(11, 5, I, dtype=torch.float64, requires_grad=True)
-    hx = torch.randn(2 * num_layers, 5, H, dtype=torch.float64, requires_grad=True)
-    compare(ref, fast, x, hx)
+    compare(ref, fast, x, initial_states(ref, 5))
 
 
 @pytest.mark.parametrize("classes,cell_kwargs", CELLS)
@@ -121,7 +117,7 @@ def test_gradients_accumulate_and_scale_in_place_like_torch(classes, bidirection
     for module in (ref, fast):
         for _ in range(2):
             out, h_n = module(x)
-            (out.pow(2).sum() + h_n.sum()).backward()
+            (out.pow(2).sum() + state_sum(h_n)).backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm=1.0)
     for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
         assert_close(p.grad, q.grad, 1e-10, name)
@@ -132,7 +128,7 @@ def test_unbatched_input(classes):
     ref, fast = pair(classes, 4, 5, num_layers=2, bidirectional=True)
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     compare(ref, fast, x, seq_len=6)
-    compare(ref, fast, x, torch.randn(4, 5, dtype=torch.float64, requires_grad=True), seq_len=6)
+    compare(ref, fast, x, initial_states(ref, None, batched=False), seq_len=6)
 
 
 @pytest.mark.parametrize("classes", CLASSES)
@@ -147,10 +143,10 @@ def test_unbatched_batch_first_is_ignored(classes):
 def test_batch_size_zero(classes, batch_first, with_hx):
     ref, fast = pair(classes, 4, 5, num_layers=2, bidirectional=True, batch_first=batch_first)
     x = torch.randn((0, 3, 4) if batch_first else (3, 0, 4), dtype=torch.float64, requires_grad=True)
-    hx = torch.randn(4, 0, 5, dtype=torch.float64, requires_grad=True) if with_hx else None
+    hx = initial_states(ref, 0) if with_hx else None
     o1, h1 = ref(x)
     o2, h2 = fast(x)
-    assert o1.shape == o2.shape and h1.shape == h2.shape
+    assert o1.shape == o2.shape and [s.shape for s in states(h1)] == [s.shape for s in states(h2)]
     compare(ref, fast, x, hx, seq_len=3)
 
 
@@ -167,18 +163,20 @@ def _packed_case(enforce_sorted, lengths=(6, 4, 4, 1, 3)):
 def test_packed_sequence(classes, enforce_sorted, num_layers, bidirectional, with_hx):
     ref, fast = pair(classes, 4, 5, num_layers=num_layers, bidirectional=bidirectional)
     seqs = _packed_case(enforce_sorted)
-    hx = torch.randn(num_layers * (1 + bidirectional), len(seqs), 5, dtype=torch.float64) if with_hx else None
+    hx = states(initial_states(ref, len(seqs), requires_grad=False)) if with_hx else ()
     results = []
     for module in (ref, fast):
         leaves = [s.clone().requires_grad_() for s in seqs]
-        h = hx.clone().requires_grad_() if with_hx else None
+        h = [s.clone().requires_grad_() for s in hx]
         packed = pack_sequence(leaves, enforce_sorted=enforce_sorted)
-        out, h_n = module(packed, h)
+        out, h_n = module(packed, (tuple(h) if len(h) > 1 else h[0]) if h else None)
         padded, lengths = pad_packed_sequence(out)
         g = torch.Generator().manual_seed(3)
-        loss = (padded * torch.randn(padded.shape, generator=g, dtype=torch.float64)).sum() + (h_n**2).sum()
+        loss = (padded * torch.randn(padded.shape, generator=g, dtype=torch.float64)).sum() + state_sum(
+            h_n, torch.square
+        )
         params = list(module.parameters())
-        grads = torch.autograd.grad(loss, leaves + params + ([h] if with_hx else []))
+        grads = torch.autograd.grad(loss, leaves + params + h)
         results.append((out, padded, lengths, h_n, grads))
     (o1, p1, l1, h1, g1), (o2, p2, l2, h2, g2) = results
     assert torch.equal(o1.batch_sizes, o2.batch_sizes)
@@ -186,7 +184,8 @@ def test_packed_sequence(classes, enforce_sorted, num_layers, bidirectional, wit
     for a, b in ((o1.sorted_indices, o2.sorted_indices), (o1.unsorted_indices, o2.unsorted_indices)):
         assert (a is None and b is None) or torch.equal(a, b)
     assert_close(p2, p1, 1e-10, "output")
-    assert_close(h2, h1, 1e-10, "h_n")
+    for a, b in zip(states(h2), states(h1), strict=True):
+        assert_close(a, b, 1e-10, "h_n")
     for i, (a, b) in enumerate(zip(g2, g1)):
         assert_close(a, b, 1e-9, f"grad {i}")
 
@@ -199,7 +198,8 @@ def test_packed_from_padded_batch_first(classes):
     o1, h1 = ref(packed)
     o2, h2 = fast(packed)
     assert_close(o2.data, o1.data, 1e-12, "output")
-    assert_close(h2, h1, 1e-12, "h_n")
+    for a, b in zip(states(h2), states(h1), strict=True):
+        assert_close(a, b, 1e-12, "h_n")
 
 
 @pytest.mark.parametrize("classes", CLASSES)
@@ -216,7 +216,8 @@ def test_dropout_reproduces_torch_masks(classes, packed):
             out, h_n = module(x)
             outs.append((out.data, h_n))
         assert_close(outs[1][0], outs[0][0], 1e-12, "output")
-        assert_close(outs[1][1], outs[0][1], 1e-12, "h_n")
+        for a, b in zip(states(outs[1][1]), states(outs[0][1]), strict=True):
+            assert_close(a, b, 1e-12, "h_n")
         return
     x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(7)
@@ -226,10 +227,11 @@ def test_dropout_reproduces_torch_masks(classes, packed):
     for module in (ref, fast):
         torch.set_rng_state(state)
         out, h_n = module(x)
-        grads = torch.autograd.grad(out.sum() + h_n.sum(), [x, *module.parameters()])
+        grads = torch.autograd.grad(out.sum() + state_sum(h_n), [x, *module.parameters()])
         results.append((out, h_n, grads))
     assert_close(results[1][0], results[0][0], 1e-12, "output")
-    assert_close(results[1][1], results[0][1], 1e-12, "h_n")
+    for a, b in zip(states(results[1][1]), states(results[0][1]), strict=True):
+        assert_close(a, b, 1e-12, "h_n")
     for a, b in zip(results[1][2], results[0][2]):
         assert_close(a, b, 1e-10, "grad")
     # And the masks are drawn, not fixed: another seed gives another output.
@@ -253,21 +255,26 @@ def test_gradcheck_and_gradgradcheck(classes, num_layers, bidirectional, bias, p
     every parameter at once (tiny float64 shapes); second derivatives (which run torch's twin)
     too."""
     _, fast = pair(classes, 2, 3, num_layers=num_layers, bidirectional=bidirectional, bias=bias)
-    hx = torch.randn(num_layers * (1 + bidirectional), 3, 3, dtype=torch.float64, requires_grad=True)
+    hx = states(initial_states(fast, 3))
+    n_states = len(hx)
+
+    def run_on(data, h):
+        out, h_n = fast(data, h[0] if n_states == 1 else tuple(h))
+        return (out.data if packed else out), *states(h_n)
+
     if packed:
         sequences = pack_sequence([torch.randn(n, 2, dtype=torch.float64) for n in (2, 4, 1)], enforce_sorted=False)
         x = sequences.data.clone().requires_grad_()
 
-        def run(data, h, *params):
-            out, h_n = fast(PackedSequence(data, *sequences[1:]), h)
-            return out.data, h_n
+        def run(data, *rest):
+            return run_on(PackedSequence(data, *sequences[1:]), rest[:n_states])
     else:
         x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
 
-        def run(data, h, *params):
-            return fast(data, h)
+        def run(data, *rest):
+            return run_on(data, rest[:n_states])
 
-    inputs = (x, hx, *fast.parameters())
+    inputs = (x, *hx, *fast.parameters())
     # The whole Jacobian for one layer; a random projection of it for the stacks (7 s a check).
     assert torch.autograd.gradcheck(run, inputs, fast_mode=num_layers > 1)
     assert torch.autograd.gradgradcheck(run, inputs, fast_mode=True)
@@ -285,7 +292,8 @@ def test_half_precision_on_cpu_matches_torch_exactly(classes, dtype):
             fast(x)
         return
     actual = fast(x)
-    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
+    assert torch.equal(actual[0], expected[0])
+    assert all(torch.equal(a, b) for a, b in zip(states(actual[1]), states(expected[1]), strict=True))
 
 
 @pytest.mark.parametrize("classes,cell_kwargs", CELLS)
@@ -315,7 +323,8 @@ def test_inference_under_no_grad_and_tolerance_helper_is_strict(classes):
         o2, h2 = fast(x)
     assert not o2.requires_grad
     assert_close(o2, o1, tolerance(torch.float32, 10))
-    assert_close(h2, h1, tolerance(torch.float32, 10))
+    for a, b in zip(states(h2), states(h1), strict=True):
+        assert_close(a, b, tolerance(torch.float32, 10))
     with pytest.raises(AssertionError):
         assert_close(o2 + 1e-3, o1, tolerance(torch.float32, 10))
 
@@ -330,7 +339,8 @@ def test_inference_mode_and_functional_call(classes):
     expected = torch.func.functional_call(ref, params, (x,))
     actual = torch.func.functional_call(fast, params, (x,))
     assert_close(actual[0], expected[0], 1e-12, "functional_call output")
-    assert_close(actual[1], expected[1], 1e-12, "functional_call h_n")
+    for a, b in zip(states(actual[1]), states(expected[1]), strict=True):
+        assert_close(a, b, 1e-12, "functional_call h_n")
 
 
 @pytest.mark.parametrize("classes", CLASSES)
@@ -351,7 +361,8 @@ def test_autocast_runs_like_torch(classes, dtype):
         assert results[1] is results[0]
         return
     (o1, h1), (o2, h2) = results
-    assert o1.dtype == o2.dtype and torch.equal(o1, o2) and torch.equal(h1, h2)
+    assert o1.dtype == o2.dtype and torch.equal(o1, o2)
+    assert all(torch.equal(a, b) for a, b in zip(states(h1), states(h2), strict=True))
 
 
 @pytest.mark.parametrize("classes", CLASSES)
@@ -360,3 +371,29 @@ def test_torch_func_grad_runs_like_torch(classes):
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     grads = [torch.func.grad(lambda inp, m=m: m(inp)[0].square().sum())(x) for m in (ref, fast)]
     assert_close(grads[1], grads[0], 1e-12, "torch.func.grad")
+
+
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("proj_size", [1, 3])
+def test_lstm_projection_with_states_and_packing(num_layers, bidirectional, packed, proj_size):
+    """proj_size: h_t = W_hr (o_t * tanh(c_t)) is proj_size wide, c_t hidden_size wide; given
+    (h0, c0) and packed input, every gradient (weight_hr's included) matches torch's."""
+    ref, fast = pair(LSTM, 4, 5, num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size)
+    assert any(name.startswith("weight_hr") for name, _ in fast.named_parameters())
+    hx = initial_states(ref, 5)
+    if packed:
+        seqs = _packed_case(False)
+        x = pack_sequence(seqs, enforce_sorted=False)
+        results = []
+        for module in (ref, fast):
+            h = tuple(s.detach().clone().requires_grad_() for s in hx)
+            out, h_n = module(x, h)
+            loss = out.data.square().sum() + state_sum(h_n, torch.sin)
+            results.append((out.data, h_n, torch.autograd.grad(loss, [*h, *module.parameters()])))
+        (o1, h1, g1), (o2, h2, g2) = results
+        assert_close(o2, o1, 1e-10, "output")
+        for a, b in zip((*h2, *g2), (*h1, *g1), strict=True):
+            assert_close(a, b, 1e-9)
+    else:
+        compare(ref, fast, torch.randn(6, 5, 4, dtype=torch.float64, requires_grad=True), hx)

@@ -40,7 +40,11 @@ class _Fused(nn.RNNBase):
         weights = self._current_weights()
         states = () if hx is None else _states(hx)
         backend = backends.resolve(getattr(self, "backend", None), data.device, data.dtype, (data, *states, *weights))
-        if backend == "torch":
+        # States of another dtype or device than the input: torch's call decides (nn.RNN and GRU
+        # raise; nn.LSTM accepts some, and converts them).
+        if backend == "torch" or any(
+            isinstance(s, Tensor) and (s.dtype != data.dtype or s.device != data.device) for s in states
+        ):
             return super().forward(input, hx)
         n_dir = 2 if self.bidirectional else 1
         if packed:

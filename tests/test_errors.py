@@ -67,7 +67,6 @@ _X, _C = lambda: torch.randn(5, 3, 4, dtype=F64), lambda: torch.randn(2, 3, 6, d
 LSTM_BAD_CALLS = {
     "c0 wrong hidden": lambda: (_X(), (_C(), torch.randn(2, 3, 5, dtype=F64))),
     "c0 wrong batch": lambda: (_X(), (_C(), torch.randn(2, 2, 6, dtype=F64))),
-    "c0 of another dtype": lambda: (_X(), (_C(), torch.randn(2, 3, 6))),
     "2-D c0 for 3-D input": lambda: (_X(), (_C(), torch.randn(2, 6, dtype=F64))),
     "a tensor for (h0, c0)": lambda: (_X(), _C()),
     "one state only": lambda: (_X(), (_C(),)),
@@ -119,7 +118,8 @@ def test_constructor_errors_match_torch(kwargs, cls):
             errors.append(None)
         except Exception as error:  # noqa: BLE001
             errors.append(type(error))
-    assert errors[0] is errors[1] and errors[0] is not None
+    valid = cls is torch.nn.LSTM and kwargs == dict(proj_size=2)  # proj_size < hidden_size: LSTM's option
+    assert errors[0] is errors[1] and (errors[0] is None) == valid
 
 
 def test_unknown_backend_is_a_value_error():
@@ -168,8 +168,18 @@ def test_functional_lstm_rejects_bad_shapes_and_lone_biases():
     with pytest.raises(ValueError, match="both biases"):
         fastrnn.functional.lstm(x, None, w_ih, w_hh, b)
     with pytest.raises(RuntimeError, match="w_hr"):
-        fastrnn.functional.lstm(x, None, w_ih, w_hh[..., :2], w_hr=torch.randn(1, 3, 4))
+        fastrnn.functional.lstm(x, None, w_ih, w_hh[..., :2], w_hr=torch.randn(1, 2, 5))
     with pytest.raises(RuntimeError, match="hidden size"):
         fastrnn.functional.lstm(x, (torch.zeros(1, 2, 4), torch.zeros(1, 2, 3)), w_ih, w_hh)
     out, (h_n, c_n) = fastrnn.functional.lstm(x, None, w_ih, w_hh[..., :2], b, b, torch.randn(1, 2, 4))
     assert out.shape == (5, 2, 2) and h_n.shape == (1, 2, 2) and c_n.shape == (1, 2, 4)
+
+
+def test_lstm_states_of_another_dtype_give_torchs_results():
+    """torch.nn.LSTM accepts a float32 c0 for a float64 module (and converts it): so does fastrnn, by
+    running torch's call."""
+    ref, fast = twins(4, 6, num_layers=2, cls=torch.nn.LSTM)
+    x, hx = _X(), (_C(), torch.randn(2, 3, 6))
+    expected, actual = ref(x, hx), fast(x, hx)
+    assert torch.equal(actual[0], expected[0])
+    assert all(torch.equal(a, b) for a, b in zip(actual[1], expected[1], strict=True))

@@ -1,10 +1,10 @@
-"""fastrnn.keras.SimpleRNN and fastrnn.keras.GRU against keras.layers.SimpleRNN / GRU on the torch
+"""fastrnn.keras.SimpleRNN, GRU and LSTM against keras.layers.SimpleRNN / GRU / LSTM on the torch
 backend.
 
 Every case runs the same weights, inputs and upstream gradients through the stock and the fused
 layer and compares outputs, states and each gradient by name; it also asserts which path ran (the
 layer's fused op, or Keras's own loop), so a silent fallback cannot pass for a fused result. Keras's
-own tests of both layers run with the fused layers in their place too.
+own tests of the three layers run with the fused layers in their place too.
 """
 
 import os
@@ -30,8 +30,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 
 B, T, I, H = 4, 7, 5, 6
 ATOL, RTOL = 2e-5, 1e-4
-KINDS = ("SimpleRNN", "GRU")
-OP = {"SimpleRNN": "elman", "GRU": "gru"}  # the fused op each layer calls
+KINDS = ("SimpleRNN", "GRU", "LSTM")
+OP = {"SimpleRNN": "elman", "GRU": "gru", "LSTM": "lstm"}  # the fused op each layer calls
+N_STATES = {"SimpleRNN": 1, "GRU": 1, "LSTM": 2}  # LSTM's [h, c]
 
 
 @pytest.fixture(autouse=True)
@@ -91,16 +92,17 @@ def _pair(kind, dtype="float32", stock_kwargs=(), **kwargs):
 
 
 def _run(layer, x, mask=None, h0=None, training=False, dtype=torch.float32):
-    """Outputs (list) and gradients by name for a fixed random upstream gradient."""
+    """Outputs (list) and gradients by name for a fixed random upstream gradient; ``h0``: the
+    initial states (one array per state) or None."""
     x = torch.tensor(x, dtype=dtype, requires_grad=True)
     kwargs = {}
     if mask is not None:
         kwargs["mask"] = torch.tensor(mask)
     leaves = {"dx": x}
     if h0 is not None:
-        h = torch.tensor(h0, dtype=dtype, requires_grad=True)
-        kwargs["initial_state"] = [h]
-        leaves["dh0"] = h
+        states = [torch.tensor(s, dtype=dtype, requires_grad=True) for s in h0]
+        kwargs["initial_state"] = states
+        leaves.update({f"d{name}0": s for name, s in zip("hc", states)})
     outs = layer(x, training=training, **kwargs)
     outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
     gen = torch.Generator().manual_seed(0)
@@ -167,6 +169,18 @@ SIMPLE_RNN_CASES = [
 ]
 OPS_ACTIVATIONS = dict(activation=keras.ops.tanh, recurrent_activation=torch.sigmoid)  # what cudnn_ok takes too
 LEGACY_DROPOUT = dict(dropout=0.4, seed=3, implementation=1, use_cudnn=False)
+LSTM_CASES = [
+    ("ops-activations", {**SEQ_STATE, **OPS_ACTIVATIONS}, "right", True, False, "fused"),
+    ("implementation-1", dict(SEQ_STATE, implementation=1), "right", True, False, "fused"),
+    ("use-cudnn-false", dict(SEQ_STATE, use_cudnn=False), "right", True, False, "fused"),
+    ("use-cudnn-true", dict(SEQ_STATE, use_cudnn=True), "none", True, False, "fused"),
+    ("no-forget-bias", dict(SEQ, unit_forget_bias=False), "none", False, False, "fused"),
+    ("relu", dict(SEQ, activation="relu"), "none", False, False, "fallback"),
+    ("hard-sigmoid-mask", dict(SEQ_STATE, recurrent_activation="hard_sigmoid"), "right", True, False, "fallback"),
+    ("dropout-1-train", dict(SEQ, dropout=1.0, seed=3), "none", False, True, "fallback"),
+    ("dropout-1-train-mask", dict(SEQ, dropout=1.0, seed=3), "right", False, True, "fallback"),
+    ("implementation-1-dropout-train", {**SEQ, **LEGACY_DROPOUT}, "right", False, True, "fallback"),
+]
 GRU_CASES = [
     ("ops-activations", {**SEQ, **OPS_ACTIVATIONS}, "none", False, False, "fused"),
     ("implementation-1", dict(SEQ, implementation=1), "right", False, False, "fused"),
@@ -185,7 +199,11 @@ GRU_CASES = [
 ]
 CASES = [
     (kind, *case)
-    for kind, cases in (("SimpleRNN", COMMON_CASES + SIMPLE_RNN_CASES), ("GRU", COMMON_CASES + GRU_CASES))
+    for kind, cases in (
+        ("SimpleRNN", COMMON_CASES + SIMPLE_RNN_CASES),
+        ("GRU", COMMON_CASES + GRU_CASES),
+        ("LSTM", COMMON_CASES + LSTM_CASES),
+    )
     for case in cases
 ]
 
@@ -197,7 +215,7 @@ def test_parity_with_stock_layer(fused_calls, kind, kwargs, mask, with_h0, train
     stock, fused = _pair(kind, **kwargs)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((B, T, I))
-    h0 = rng.standard_normal((B, H)) if with_h0 else None
+    h0 = [rng.standard_normal((B, H)) for _ in range(N_STATES[kind])] if with_h0 else None
     expected = _run(stock, x, MASKS[mask], h0, training)
     assert not fused_calls
     got = _run(fused, x, MASKS[mask], h0, training)
@@ -210,12 +228,13 @@ def test_parity_with_stock_layer(fused_calls, kind, kwargs, mask, with_h0, train
         _assert_close(expected, got)
 
 
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
 @pytest.mark.parametrize("kwargs", [dict(use_cudnn=True), dict(use_cudnn=True, recurrent_dropout=0.2)])
-def test_gru_use_cudnn_true_raises_where_keras_does(fused_calls, kwargs):
-    # Keras's GRU refuses use_cudnn=True where its own fast path does not apply; so does ours,
-    # even where the fused op could have run.
+def test_use_cudnn_true_raises_where_keras_does(fused_calls, kind, kwargs):
+    # Keras's GRU and LSTM refuse use_cudnn=True where their own fast path does not apply; so do
+    # ours, even where the fused op could have run.
     x = np.random.default_rng(9).standard_normal((B, T, I))
-    for layer in _pair("GRU", **kwargs):
+    for layer in _pair(kind, **kwargs):
         with pytest.raises(ValueError, match="use_cudnn"):
             _run(layer, x, MASKS["right"])
     assert not fused_calls
@@ -240,9 +259,9 @@ def test_dtypes(fused_calls, kind, dtype, path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_stateful_carries_state_and_trains(fused_calls, kind):
-    # Stock Keras 3.15's stateful GRU cannot backward on the torch backend where it takes
-    # backend.gru (its state variable is assigned in place under the graph); its loop can.
-    stock_kwargs = {"use_cudnn": False} if kind == "GRU" else {}
+    # Stock Keras 3.15's stateful GRU / LSTM cannot backward on the torch backend where it takes
+    # backend.gru / lstm (its state variables are assigned in place under the graph); its loop can.
+    stock_kwargs = {"use_cudnn": False} if kind in ("GRU", "LSTM") else {}
     stock, fused = _pair(kind, **SEQ, stateful=True, stock_kwargs=stock_kwargs)
     rng = np.random.default_rng(4)
     for step in range(3):
@@ -250,11 +269,13 @@ def test_stateful_carries_state_and_trains(fused_calls, kind):
         mask = MASKS["right"] if step == 1 else None
         # backward after RNN.call has assigned the new state in place into the variable
         _assert_close(_run(stock, x, mask), _run(fused, x, mask))
-        torch.testing.assert_close(fused.states[0].value, stock.states[0].value, atol=ATOL, rtol=RTOL)
+        assert len(fused.states) == N_STATES[kind]
+        for got, expected in zip(fused.states, stock.states):
+            torch.testing.assert_close(got.value, expected.value, atol=ATOL, rtol=RTOL)
     assert [op for op, _ in fused_calls] == _ops(kind, 3)
     stock.reset_state()
     fused.reset_state()
-    assert not fused.states[0].value.any()
+    assert not any(state.value.any() for state in fused.states)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -330,6 +351,8 @@ CONVERT_CASES = {
     "nested-SimpleRNN": (_nested_model, "SimpleRNN"),
     "masked-GRU": (_masked_model, "GRU"),  # Sequential is covered by the nested model's inner one
     "nested-GRU": (_nested_model, "GRU"),
+    "masked-LSTM": (_masked_model, "LSTM"),
+    "nested-LSTM": (_nested_model, "LSTM"),
 }
 
 
@@ -341,7 +364,7 @@ def test_convert_then_train_matches_stock(fused_calls, model_fn, kind):
     fused = fk.convert(stock)
     rnns = _rnns(fused, kind)
     assert rnns and all(type(layer) is getattr(fk, kind) for layer in rnns)
-    assert not any(isinstance(layer, (fk.SimpleRNN, fk.GRU)) for layer in stock._flatten_layers())
+    assert not any(isinstance(layer, (fk.SimpleRNN, fk.GRU, fk.LSTM)) for layer in stock._flatten_layers())
     np.testing.assert_allclose(fused.predict(x, verbose=0), stock.predict(x, verbose=0), atol=1e-5)
     fused_calls.clear()
     expected = _train(stock, x, y)
@@ -353,20 +376,23 @@ def test_convert_then_train_matches_stock(fused_calls, model_fn, kind):
         np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-3)
 
 
-def test_convert_swaps_both_kinds_and_keeps_gru_seeds(fused_calls):
+def test_convert_swaps_every_kind_and_keeps_seeds(fused_calls):
     x = keras.Input((10, 20))
     h = keras.layers.GRU(6, return_sequences=True, dropout=0.3, seed=7)(x)
+    h = keras.layers.LSTM(5, return_sequences=True, dropout=0.2, seed=8)(h)
     h = keras.layers.SimpleRNN(5, return_sequences=True)(h)
+    h = keras.layers.LSTM(4, return_sequences=True, activation="relu")(h)  # converted, runs Keras's loop
     h = keras.layers.GRU(4, reset_after=False)(h)  # converted, runs Keras's loop
     stock = keras.Model(x, h)
     fused = fk.convert(stock)
-    assert [type(layer) for layer in fused.layers[1:]] == [fk.GRU, fk.SimpleRNN, fk.GRU]
-    assert fused.layers[1].cell.seed == 7 and fused.layers[3].get_config() == stock.layers[3].get_config()
+    assert [type(layer) for layer in fused.layers[1:]] == [fk.GRU, fk.LSTM, fk.SimpleRNN, fk.LSTM, fk.GRU]
+    assert fused.layers[1].cell.seed == 7 and fused.layers[2].cell.seed == 8
+    assert all(fused.layers[i].get_config() == stock.layers[i].get_config() for i in (4, 5))
     data = np.random.default_rng(10).standard_normal((B, 10, 20)).astype("float32")
     keras.utils.set_random_seed(0)
     expected = stock(data, training=True)
     got = fused(data, training=True)
-    assert [op for op, _ in fused_calls] == ["gru", "elman"]
+    assert [op for op, _ in fused_calls] == ["gru", "lstm", "elman"]
     np.testing.assert_allclose(got.detach().numpy(), expected.detach().numpy(), atol=1e-5)
 
 
@@ -416,7 +442,7 @@ _OTHER_BACKEND = """
 import numpy as np, keras, fastrnn.keras as fk
 x = np.random.default_rng(0).standard_normal((3, 5, 4)).astype("float32")
 mask = np.array([[1] * 5, [1, 1, 0, 0, 0], [0] * 5], bool)
-for kind in ("SimpleRNN", "GRU"):
+for kind in ("SimpleRNN", "GRU", "LSTM"):
     for kw in (dict(return_sequences=True, return_state=True), dict(go_backwards=True)):
         a, b = getattr(keras.layers, kind)(6, **kw), getattr(fk, kind)(6, **kw)
         a.build(x.shape); b.build(x.shape); b.set_weights(a.get_weights())
@@ -452,6 +478,7 @@ _KERAS_SUITES = {
         "GRUTest",
         {"test_masking", "test_torch_cudnn_dispatch_fires", "test_stateful_with_symbolic_batch_size"},
     ),
+    "LSTM": ("lstm_test", "LSTMTest", set()),
 }
 
 
@@ -486,3 +513,4 @@ def _keras_suite(kind):
 
 TestKerasSimpleRNNTestWithFastrnn = _keras_suite("SimpleRNN")
 TestKerasGRUTestWithFastrnn = _keras_suite("GRU")
+TestKerasLSTMTestWithFastrnn = _keras_suite("LSTM")

@@ -1,6 +1,7 @@
-"""Keras 3 front end: ``fastrnn.keras.SimpleRNN`` and ``fastrnn.keras.GRU`` run the fused Elman and
-GRU kernels on the torch backend, as drop-ins for ``keras.layers.SimpleRNN`` / ``keras.layers.GRU``;
-``fastrnn.keras.convert`` swaps them into an existing Sequential or Functional model.
+"""Keras 3 front end: ``fastrnn.keras.SimpleRNN``, ``fastrnn.keras.GRU`` and ``fastrnn.keras.LSTM``
+run the fused Elman, GRU and LSTM kernels on the torch backend, as drop-ins for
+``keras.layers.SimpleRNN`` / ``GRU`` / ``LSTM``; ``fastrnn.keras.convert`` swaps them into an existing
+Sequential or Functional model.
 
 Install with ``pip install "fastrnn[keras]"`` and set ``KERAS_BACKEND=torch``. Importing ``fastrnn``
 alone never imports Keras; importing this module does.
@@ -17,6 +18,6 @@ if int(keras.version().split(".")[0]) != 3:  # pragma: no cover
     )
 
 from fastrnn.keras.convert import convert
-from fastrnn.keras.layers import GRU, SimpleRNN
+from fastrnn.keras.layers import GRU, LSTM, SimpleRNN
 
-__all__ = ["GRU", "SimpleRNN", "convert"]
+__all__ = ["GRU", "LSTM", "SimpleRNN", "convert"]

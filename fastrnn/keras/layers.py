@@ -12,13 +12,17 @@ def _is_activation(fn, name):
 
 
 class _FusedRNN:
-    """The fused path SimpleRNN and GRU share, mixed in ahead of the stock layer class.
+    """The fused path SimpleRNN, GRU and LSTM share, mixed in ahead of the stock layer class.
 
     ``inner_loop`` runs the fused op where :meth:`_fused_plan` finds it reproduces the stock
     loop exactly, and the stock layer's own ``inner_loop`` everywhere else. A layer supplies
     :meth:`_cell_plan` (its cell's conditions) and :meth:`_run_op` (its weights in the op's
-    layout, and the op call); the masks, directions, dropout and states are handled here.
+    layout, and the op call); the masks, directions, dropout and states are handled here. The
+    cell's states (``_state_count`` of them, the output h first: LSTM's [h, c]) travel as a
+    tuple, each (B, units) in Keras and (1, B, units) in the op.
     """
+
+    _state_count = 1
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if keras.backend.backend() == "torch":
@@ -34,9 +38,10 @@ class _FusedRNN:
         else None."""
         raise NotImplementedError
 
-    def _run_op(self, x, h0, lengths, **kwargs):
-        """``(output (B, T, H), h_n (1, B, H))`` of the fused op on batch-first ``x`` from ``h0``
-        (1, B, H)."""
+    def _run_op(self, x, states, lengths, **kwargs):
+        """``(output (B, T, H), final states)`` of the fused op on batch-first ``x`` from
+        ``states``, a tuple of the cell's initial states, each (1, B, H); the final states are a
+        tuple the same way."""
         raise NotImplementedError
 
     def _fused_plan(self, sequences, initial_state, mask, training):
@@ -52,7 +57,7 @@ class _FusedRNN:
             return None  # per-sequence mask on h_{t-1} inside the step; no fused equivalent
         if not isinstance(sequences, torch.Tensor) or sequences.ndim != 3:
             return None
-        if sequences.shape[1] == 0 or len(initial_state) != 1:
+        if sequences.shape[1] == 0 or len(initial_state) != self._state_count:
             return None
         # Devices and dtypes no fused kernel covers (including the meta device that
         # compute_output_spec traces on, and CUDA, where ``auto`` leaves torch/cuDNN in charge)
@@ -60,7 +65,7 @@ class _FusedRNN:
         if backends.resolve(None, sequences.device, sequences.dtype) == "torch":
             return None
         kernel = keras.ops.convert_to_tensor(cell.kernel)
-        if kernel.dtype != sequences.dtype or initial_state[0].dtype != sequences.dtype:
+        if kernel.dtype != sequences.dtype or any(s.dtype != sequences.dtype for s in initial_state):
             return None
         if mask is None:
             return op_kwargs, None
@@ -77,11 +82,11 @@ class _FusedRNN:
             # The mask RNN.call already drew for this batch, so both paths drop the same units.
             dp_mask = cell.get_dropout_mask(x[:, 0, :])
             x = x * dp_mask.unsqueeze(1)
-        h0 = initial_state[0]
+        states = tuple(initial_state)
         if self.stateful:
-            # RNN.call assigns the new state into the variable in place after we return; the op
+            # RNN.call assigns the new states into the variables in place after we return; the op
             # must not have saved that storage for backward.
-            h0 = h0.clone()
+            states = tuple(s.clone() for s in states)
 
         if lengths is not None and self.go_backwards:
             # Keras flips the whole padded time axis, so each sequence becomes left-padded and its
@@ -94,8 +99,9 @@ class _FusedRNN:
         elif self.go_backwards:
             x = torch.flip(x, (1,))
 
-        out, h_n = self._run_op(x, h0.unsqueeze(0), lengths, **op_kwargs)
-        h = h_n[0]  # (B, H)
+        out, final = self._run_op(x, tuple(s.unsqueeze(0) for s in states), lengths, **op_kwargs)
+        final = [s[0] for s in final]  # each (B, H)
+        h = final[0]
 
         if lengths is not None:
             steps_idx = torch.arange(steps, device=x.device)
@@ -114,7 +120,7 @@ class _FusedRNN:
         last = out[:, -1]
         if not self.return_sequences:
             out = last.unsqueeze(1)
-        return last, out, [h]
+        return last, out, final
 
 
 @keras.saving.register_keras_serializable(package="fastrnn")
@@ -144,14 +150,14 @@ class SimpleRNN(_FusedRNN, keras.layers.SimpleRNN):
                 return {"nonlinearity": nonlinearity}
         return None
 
-    def _run_op(self, x, h0, lengths, nonlinearity):
+    def _run_op(self, x, states, lengths, nonlinearity):
         cell = self.cell
         kernel = keras.ops.convert_to_tensor(cell.kernel)
         recurrent_kernel = keras.ops.convert_to_tensor(cell.recurrent_kernel)
         bias = keras.ops.convert_to_tensor(cell.bias).unsqueeze(0) if cell.use_bias else None
-        return functional.elman(
+        out, h_n = functional.elman(
             x,
-            h0,
+            states[0],
             kernel.T.unsqueeze(0),
             recurrent_kernel.T.unsqueeze(0),
             bias,
@@ -159,6 +165,7 @@ class SimpleRNN(_FusedRNN, keras.layers.SimpleRNN):
             nonlinearity=nonlinearity,
             batch_first=True,
         )
+        return out, (h_n,)
 
 
 @keras.saving.register_keras_serializable(package="fastrnn")
@@ -189,21 +196,9 @@ class GRU(_FusedRNN, keras.layers.GRU):
     """
 
     def _cell_plan(self, mask, training):
-        cell = self.cell
-        if not (
-            cell.reset_after
-            and _is_activation(cell.activation, "tanh")
-            and _is_activation(cell.recurrent_activation, "sigmoid")
-        ):
-            return None
-        if getattr(self, "use_cudnn", "auto") is True and (mask is not None or cell.recurrent_dropout):
-            return None  # Keras's GRU raises a ValueError for these; keep its error
-        if training and cell.dropout > 0:
-            if cell.dropout >= 1 or getattr(cell, "dropout_mask_count", None) is not None:
-                return None
-        return {}
+        return {} if self.cell.reset_after and _gated_cell_ok(self, mask, training) else None
 
-    def _run_op(self, x, h0, lengths):
+    def _run_op(self, x, states, lengths):
         cell = self.cell
         w_ih = _torch_gate_order(keras.ops.convert_to_tensor(cell.kernel)).T
         w_hh = _torch_gate_order(keras.ops.convert_to_tensor(cell.recurrent_kernel)).T
@@ -211,9 +206,72 @@ class GRU(_FusedRNN, keras.layers.GRU):
         if cell.use_bias:
             bias = _torch_gate_order(keras.ops.convert_to_tensor(cell.bias))  # (2, 3H)
             b_ih, b_hh = bias[0:1], bias[1:2]
-        return functional.gru(
-            x, h0, w_ih.unsqueeze(0), w_hh.unsqueeze(0), b_ih, b_hh, lengths=lengths, batch_first=True
+        out, h_n = functional.gru(
+            x, states[0], w_ih.unsqueeze(0), w_hh.unsqueeze(0), b_ih, b_hh, lengths=lengths, batch_first=True
         )
+        return out, (h_n,)
+
+
+@keras.saving.register_keras_serializable(package="fastrnn")
+class LSTM(_FusedRNN, keras.layers.LSTM):
+    """Drop-in ``keras.layers.LSTM`` that runs fastrnn's fused kernels on the torch backend.
+
+    Same constructor, weights (``kernel`` (I, 4H), ``recurrent_kernel`` (H, 4H), ``bias`` (4H,);
+    gate blocks i, f, c, o), config, states ``[h, c]`` and results as the stock layer; only
+    ``inner_loop`` changes. Keras's LSTM is torch's, gate order included, so the fused op
+    (:func:`fastrnn.functional.lstm`) sees ``W_ih = kernel.T``, ``W_hh = recurrent_kernel.T``,
+    ``b_ih = bias``, ``b_hh = 0``.
+
+    Runs fused on the torch backend for activation ``"tanh"`` and recurrent activation
+    ``"sigmoid"``, with or without bias, any of ``return_sequences`` / ``return_state`` /
+    ``go_backwards`` / ``stateful`` / ``initial_state`` ([h, c]), input ``dropout`` (Keras's own
+    per-sequence mask), no mask or a right-padded mask. ``unroll``, ``implementation`` (without
+    dropout while training) and ``use_cudnn="auto"`` / ``False`` do not change the fused path.
+    Keras's loop (its cuDNN path where it has one) runs for other activations, other masks,
+    ``recurrent_dropout`` while training, the legacy ``implementation=1`` (one input dropout mask
+    per gate) with dropout while training, ``dropout=1`` while training, ``use_cudnn=True`` with a
+    mask or ``recurrent_dropout`` (where Keras raises), and dtypes/devices the kernels do not cover
+    (CUDA included, unless a fastrnn backend is named), as on the jax/tensorflow/numpy backends.
+    ``Bidirectional`` on CUDA calls Keras's fused bidirectional cuDNN LSTM and skips both layers'
+    ``inner_loop``.
+
+    float64 runs in float64 throughout (see :class:`SimpleRNN`).
+    """
+
+    _state_count = 2  # [h, c]
+
+    def _cell_plan(self, mask, training):
+        return {} if _gated_cell_ok(self, mask, training) else None
+
+    def _run_op(self, x, states, lengths):
+        cell = self.cell
+        w_ih = keras.ops.convert_to_tensor(cell.kernel).T.unsqueeze(0)
+        w_hh = keras.ops.convert_to_tensor(cell.recurrent_kernel).T.unsqueeze(0)
+        b_ih = b_hh = None
+        if cell.use_bias:
+            # functional.lstm takes both biases or neither; b_hh folds into the input projection,
+            # so a zero b_hh costs one (4H,) add per call.
+            b_ih = keras.ops.convert_to_tensor(cell.bias).unsqueeze(0)
+            b_hh = torch.zeros_like(b_ih)
+        return functional.lstm(x, states, w_ih, w_hh, b_ih, b_hh, lengths=lengths, batch_first=True)
+
+
+def _gated_cell_ok(layer, mask, training):
+    """Whether GRU / LSTM settings other than the cell's own (GRU's ``reset_after``) let the
+    fused op reproduce Keras's ``inner_loop``: its tanh / sigmoid activations, and the
+    ``use_cudnn`` / dropout cases where Keras's two paths (its backend op without a mask, the
+    step loop with one) differ or raise."""
+    cell = layer.cell
+    if not (_is_activation(cell.activation, "tanh") and _is_activation(cell.recurrent_activation, "sigmoid")):
+        return False
+    if getattr(layer, "use_cudnn", "auto") is True and (mask is not None or cell.recurrent_dropout):
+        return False  # Keras raises a ValueError for these; keep its error
+    if training and cell.dropout > 0:
+        # dropout=1: Keras's unmasked path drops every input, its step loop none; implementation=1
+        # draws one input mask per gate.
+        if cell.dropout >= 1 or getattr(cell, "dropout_mask_count", None) is not None:
+            return False
+    return True
 
 
 def _torch_gate_order(weight):

@@ -1,6 +1,7 @@
-"""Graph capture: models holding fastrnn.RNN behave like models holding torch.nn.RNN under
-torch.jit.trace / torch.jit.script / torch.export / both ONNX exporters, on NEW inputs (not the
-example the graph was captured with), and the artefacts run where fastrnn is not installed.
+"""Graph capture: models holding fastrnn.RNN (GRU, LSTM) behave like models holding torch.nn.RNN
+(GRU, LSTM) under torch.jit.trace / torch.jit.script / torch.export / both ONNX exporters, on NEW
+inputs (not the example the graph was captured with), and the artefacts run where fastrnn is not
+installed.
 
 The standard is stock nn.RNN's own behaviour in this torch version: where a capture of the stock
 model generalises (trace: any seq length and batch; torch.export and the dynamo ONNX exporter:
@@ -8,6 +9,10 @@ a dynamic batch, the seq length specialised; the legacy ONNX exporter: dynamic s
 batch), the capture of the fastrnn model must generalise the same way and give the same numbers.
 Every test also runs with backend="torch" (fastrnn.RNN running nn.RNN's own forward), which shows
 the test itself is sound on this torch version.
+
+LSTM models take hx as one argument, the tuple (h0, c0), and return (head(output), (h_n, c_n)): the
+nested structure goes through every capture (trace, script, export keep it; ONNX flattens it to
+inputs x, h0, c0 and outputs y, h_n, c_n).
 """
 
 import functools
@@ -21,6 +26,7 @@ from typing import Optional
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map, tree_structure, tree_unflatten
 
 import fastrnn
 from helpers import assert_close, tolerance
@@ -33,7 +39,7 @@ class Variant:
     h0: bool = False  # the model takes h0 as its second input
     example: tuple = (5, 3)  # (seq_len, batch) of the capture example
     other: tuple = (7, 2)  # a different (seq_len, batch) to run the captured graph on
-    cell: str = "RNN"  # the torch class: RNN or GRU
+    cell: str = "RNN"  # the torch class: RNN, GRU or LSTM
 
     @property
     def batch_first(self):
@@ -41,7 +47,18 @@ class Variant:
 
     @property
     def states(self):
+        """num_layers * num_directions: the first dim of h0 (and of LSTM's c0), not the number of
+        state tensors (two for LSTM, see ``lstm``)."""
         return self.kwargs.get("num_layers", 1) * (2 if self.kwargs.get("bidirectional") else 1)
+
+    @property
+    def lstm(self):
+        return self.cell == "LSTM"
+
+    @property
+    def out_width(self):
+        """The width of h_n and of each direction's output: proj_size for LSTM with W_hr, else hidden."""
+        return self.kwargs.get("proj_size", 0) or self.hidden
 
 
 INPUT = 4
@@ -56,12 +73,35 @@ VARIANTS = {
         kwargs=dict(batch_first=True, bidirectional=True, bias=False), h0=True, cell="GRU"
     ),
     "gru-wide-256": Variant(hidden=256, example=(5, 16), other=(9, 12), cell="GRU"),
+    "lstm-2layer": Variant(kwargs=dict(num_layers=2), cell="LSTM"),
+    "lstm-batch_first-bidir-nobias-h0": Variant(
+        kwargs=dict(batch_first=True, bidirectional=True, bias=False), h0=True, cell="LSTM"
+    ),
+    # h0 (4, B, 3) and c0 (4, B, 8): the two states of different widths, through 2 bidirectional layers.
+    "lstm-proj-2layer-bidir-h0": Variant(
+        kwargs=dict(proj_size=3, num_layers=2, bidirectional=True), h0=True, cell="LSTM"
+    ),
+    "lstm-wide-256": Variant(hidden=256, example=(5, 16), other=(9, 12), cell="LSTM"),
 }
 BACKENDS = ("auto", "torch")
 # The dynamo ONNX exporter takes ~5 s a model here (it rebuilds its op registry and unrolls the
 # RNN decomposition each call): two Elman variants that between them cover 1 and 2 layers, h0
-# given and not, tanh and relu, bias and none, batch_first and bidirectional, and one GRU.
-DYNAMO_ONNX_VARIANTS = ("batch_first-bidir", "relu-nobias-h0", "gru-batch_first-bidir-nobias-h0")
+# given and not, tanh and relu, bias and none, batch_first and bidirectional, one GRU and one LSTM
+# ((h0, c0) given; not one with proj_size, see ONNX_FAILS_FOR_STOCK).
+DYNAMO_ONNX_VARIANTS = (
+    "batch_first-bidir",
+    "relu-nobias-h0",
+    "gru-batch_first-bidir-nobias-h0",
+    "lstm-batch_first-bidir-nobias-h0",
+)
+# Stock nn.LSTM with proj_size does not go to ONNX in this torch version: the legacy exporter raises
+# SymbolicValueError ("Unsupported: ONNX export of operator LSTM, LSTMs with projections", its
+# symbolic_opset9 LSTM), and the dynamo exporter writes a model onnxruntime refuses to load
+# ("[ShapeInferenceError] All inputs to Concat must have same rank"). fastrnn.LSTM exports through
+# torch's own LSTM, so test_onnx_legacy checks that it fails the same way; the dynamo exporter
+# (5 s a model, and a failure found only by onnxruntime) is not run on them.
+ONNX_FAILS_FOR_STOCK = tuple(name for name, v in VARIANTS.items() if v.kwargs.get("proj_size"))
+assert not set(ONNX_FAILS_FOR_STOCK) & set(DYNAMO_ONNX_VARIANTS)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning"),
@@ -75,11 +115,19 @@ class Model(nn.Module):
     def __init__(self, rnn: nn.RNNBase):
         super().__init__()
         self.rnn = rnn
-        self.head = nn.Linear(rnn.hidden_size * (2 if rnn.bidirectional else 1), 3)
+        self.head = nn.Linear((rnn.proj_size or rnn.hidden_size) * (2 if rnn.bidirectional else 1), 3)
 
     def forward(self, x: Tensor, h0: Optional[Tensor] = None):
         out, h_n = self.rnn(x, h0)
         return self.head(out), h_n
+
+
+class LSTMModel(Model):
+    """An LSTM followed by the head; takes hx = (h0, c0), returns (head(output), (h_n, c_n))."""
+
+    def forward(self, x: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None):
+        out, (h_n, c_n) = self.rnn(x, hx)
+        return self.head(out), (h_n, c_n)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -93,11 +141,13 @@ def variant(request):
 
 
 def models(name, backend):
-    """A model holding torch.nn.RNN (GRU) and one holding fastrnn.RNN (GRU), with the same weights."""
+    """A model holding torch.nn.RNN (GRU, LSTM) and one holding fastrnn.RNN (GRU, LSTM), with the
+    same weights."""
     v = VARIANTS[name]
+    model = LSTMModel if v.lstm else Model
     torch.manual_seed(0)
-    ref = Model(getattr(nn, v.cell)(INPUT, v.hidden, **v.kwargs))
-    fast = Model(getattr(fastrnn, v.cell)(INPUT, v.hidden, **v.kwargs, backend=backend))
+    ref = model(getattr(nn, v.cell)(INPUT, v.hidden, **v.kwargs))
+    fast = model(getattr(fastrnn, v.cell)(INPUT, v.hidden, **v.kwargs, backend=backend))
     fast.load_state_dict(ref.state_dict())
     assert type(fast.rnn) is getattr(fastrnn, v.cell)
     return ref, fast
@@ -109,7 +159,8 @@ def inputs(name, seq_len, batch, seed):
     shape = (batch, seq_len, INPUT) if v.batch_first else (seq_len, batch, INPUT)
     args = [torch.randn(shape, generator=g)]
     if v.h0:
-        args.append(torch.randn(v.states, batch, v.hidden, generator=g))
+        h0 = torch.randn(v.states, batch, v.out_width, generator=g)
+        args.append((h0, torch.randn(v.states, batch, v.hidden, generator=g)) if v.lstm else h0)
     return tuple(args)
 
 
@@ -123,23 +174,32 @@ def seq_len_of(name, args):
     return args[0].shape[1 if VARIANTS[name].batch_first else 0]
 
 
+def output_names(name):
+    return ("output", "h_n", "c_n") if VARIANTS[name].lstm else ("output", "h_n")
+
+
 def check_outputs(got, expected, name, args, what):
+    """got has expected's structure ((output, h_n), or LSTM's (output, (h_n, c_n))) and its values."""
     tol = tolerance(torch.float32, seq_len_of(name, args))
-    assert len(got) == len(expected) == 2
-    for g, e, part in zip(got, expected, ("output", "h_n")):
+    assert tree_structure(got) == tree_structure(expected), (
+        f"{what}: {tree_structure(got)} != {tree_structure(expected)}"
+    )
+    assert len(tree_leaves(expected)) == len(output_names(name))
+    for g, e, part in zip(tree_leaves(got), tree_leaves(expected), output_names(name)):
         assert_close(g.detach(), e.detach(), tol, f"{what} {part} on input shape {tuple(args[0].shape)}")
 
 
 def gradients(module, args):
-    """Gradients of a fixed random projection of both outputs, w.r.t. the inputs and every
-    parameter (by name)."""
-    args = tuple(a.detach().clone().requires_grad_() for a in args)
-    y, h_n = module(*args)
+    """Gradients of a fixed random projection of every output (LSTM's c_n included), w.r.t. every
+    input tensor (LSTM's h0 and c0 each) and every parameter (by name)."""
+    args = tree_map(lambda a: a.detach().clone().requires_grad_(), args)
+    outputs = tree_leaves(module(*args))
     g = torch.Generator().manual_seed(7)
-    loss = (y * torch.randn(y.shape, generator=g)).sum() + (h_n * torch.randn(h_n.shape, generator=g)).sum()
+    loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outputs)
     params = dict(module.named_parameters())
-    grads = torch.autograd.grad(loss, [*args, *params.values()])
-    return dict(zip([f"input{i}" for i in range(len(args))] + list(params), grads))
+    leaves = tree_leaves(args)
+    grads = torch.autograd.grad(loss, [*leaves, *params.values()])
+    return dict(zip([f"input{i}" for i in range(len(leaves))] + list(params), grads))
 
 
 def check_gradients(module, reference, name, args, what):
@@ -186,7 +246,7 @@ def batch_dims(name, batch):
     v = VARIANTS[name]
     shapes = [{0 if v.batch_first else 1: batch}]
     if v.h0:
-        shapes.append({1: batch})
+        shapes.append(({1: batch}, {1: batch}) if v.lstm else {1: batch})
     return tuple(shapes)
 
 
@@ -242,23 +302,29 @@ def test_script(variant, backend, tmp_path):
         check_gradients(loaded, ref, variant, args, "script, saved and loaded")
 
 
-def test_script_keeps_the_fastrnn_module_and_shares_its_parameters(backend):
-    """torch writes what a submodule's __prepare_scriptable__ returns (here a stock nn.RNN sharing the
-    parameters) back into the parent's _modules. The fastrnn.RNN object itself is left as it was, and
-    convert() puts it back in the model; the scripted model shares the parameters either way."""
-    ref, fast = models("2layer-tanh", backend)
+@pytest.mark.parametrize(
+    "variant,weight", [("2layer-tanh", "weight_hh_l0"), ("lstm-proj-2layer-bidir-h0", "weight_hr_l1_reverse")]
+)
+def test_script_keeps_the_fastrnn_module_and_shares_its_parameters(variant, weight, backend):
+    """torch writes what a submodule's __prepare_scriptable__ returns (here a stock nn.RNN (LSTM)
+    sharing the parameters) back into the parent's _modules. The fastrnn.RNN (LSTM) object itself is
+    left as it was, and convert() puts it back in the model; the scripted model shares the parameters
+    either way (LSTM's W_hr included)."""
+    cell = VARIANTS[variant].cell
+    ref, fast = models(variant, backend)
     rnn = fast.rnn
     scripted = torch.jit.script(fast)
-    assert type(rnn) is fastrnn.RNN and rnn.backend == backend
-    assert type(fast.rnn) is torch.nn.RNN and fast.rnn.weight_hh_l0 is rnn.weight_hh_l0
+    assert type(rnn) is getattr(fastrnn, cell) and rnn.backend == backend
+    assert type(fast.rnn) is getattr(torch.nn, cell)
+    assert all(getattr(fast.rnn, name) is getattr(rnn, name) for name in rnn._flat_weights_names)
     fastrnn.convert(fast, backend=backend)
-    assert type(fast.rnn) is fastrnn.RNN
+    assert type(fast.rnn) is getattr(fastrnn, cell)
     with torch.no_grad():
         for model in (ref, fast):
-            model.rnn.weight_hh_l0.mul_(0.5)
-        args = new_inputs("2layer-tanh")[0]
-        check_outputs(scripted(*args), ref(*args), "2layer-tanh", args, "script after an in-place weight update")
-        check_outputs(fast(*args), ref(*args), "2layer-tanh", args, "the eager model after scripting")
+            getattr(model.rnn, weight).mul_(0.5)
+        args = new_inputs(variant)[0]
+        check_outputs(scripted(*args), ref(*args), variant, args, "script after an in-place weight update")
+        check_outputs(fast(*args), ref(*args), variant, args, "the eager model after scripting")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +438,10 @@ def test_artefacts_run_without_fastrnn(tmp_path):
 
 
 def onnx_names(name):
-    return ["x", "h0"][: 2 if VARIANTS[name].h0 else 1], ["y", "h_n"]
+    """The flat ONNX input and output names (LSTM's hx and h_n are two tensors each)."""
+    v = VARIANTS[name]
+    states = ["h0", "c0"] if v.lstm else ["h0"]
+    return ["x", *(states if v.h0 else [])], ["y", "h_n", *(["c_n"] if v.lstm else [])]
 
 
 def check_onnx(path, name, calls, what):
@@ -386,11 +455,14 @@ def check_onnx(path, name, calls, what):
     assert not any("fastrnn" in f.domain for f in model.functions), f"{what}: fastrnn ONNX functions"
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed_names = [i.name for i in session.get_inputs()]
+    assert (feed_names, [o.name for o in session.get_outputs()]) == onnx_names(name)
     ref = models(name, "torch")[0]
     for args in calls:
-        got = session.run(None, {n: a.numpy() for n, a in zip(feed_names, args)})
+        got = session.run(None, {n: a.numpy() for n, a in zip(feed_names, tree_leaves(args))})
         with torch.no_grad():
-            check_outputs([torch.from_numpy(o) for o in got], ref(*args), name, args, what)
+            expected = ref(*args)
+            got = tree_unflatten([torch.from_numpy(o) for o in got], tree_structure(expected))
+            check_outputs(got, expected, name, args, what)
 
 
 def test_onnx_legacy(variant, backend, tmp_path):
@@ -401,19 +473,30 @@ def test_onnx_legacy(variant, backend, tmp_path):
     example = inputs(variant, *v.example, seed=0)
     in_names, out_names = onnx_names(variant)
     t, b = (1, 0) if v.batch_first else (0, 1)
-    dynamic_axes = {"x": {t: "seq", b: "batch"}, "y": {t: "seq", b: "batch"}, "h_n": {1: "batch"}}
-    if v.h0:
-        dynamic_axes["h0"] = {1: "batch"}
+    dynamic_axes = {"x": {t: "seq", b: "batch"}, "y": {t: "seq", b: "batch"}}
+    dynamic_axes.update({state: {1: "batch"} for state in in_names[1:] + out_names[1:]})
     path = tmp_path / "fast.onnx"
-    torch.onnx.export(
-        fast,
-        example,
-        str(path),
-        dynamo=False,
-        input_names=in_names,
-        output_names=out_names,
-        dynamic_axes=dynamic_axes,
-    )
+
+    def export(model, path):
+        torch.onnx.export(
+            model,
+            example,
+            str(path),
+            dynamo=False,
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_axes=dynamic_axes,
+        )
+
+    if variant in ONNX_FAILS_FOR_STOCK:
+        from torch.onnx.errors import SymbolicValueError
+
+        message = "Unsupported: ONNX export of operator LSTM, LSTMs with projections"
+        for model in (models(variant, "torch")[0], fast):  # stock nn.LSTM, then fastrnn.LSTM
+            with pytest.raises(SymbolicValueError, match=message):
+                export(model, tmp_path / "model.onnx")
+        return
+    export(fast, path)
     # The legacy exporter keeps both the seq length and the batch dynamic for stock nn.RNN.
     check_onnx(path, variant, new_inputs(variant), "legacy ONNX")
 

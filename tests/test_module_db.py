@@ -1,14 +1,20 @@
-"""PyTorch's own module tests for nn.RNN and nn.GRU, run on fastrnn.RNN and fastrnn.GRU.
+"""PyTorch's own module tests for nn.RNN, nn.GRU and nn.LSTM, run on fastrnn.RNN, fastrnn.GRU and
+fastrnn.LSTM.
 
-The samples are the ones PyTorch tests nn.RNN and nn.GRU with: the ``ModuleInfo`` entries for
-``torch.nn.RNN`` and ``torch.nn.GRU`` in ``torch.testing._internal.common_modules.module_db``
-(their ``module_inputs_func`` and ``module_error_inputs_func``). The checks are the ones PyTorch's
-``test/test_modules.py`` applies to those entries on CPU (forward against the sample's reference,
-the ``.float()``/``.double()`` methods, factory kwargs, construction under
-``torch.device("meta")``, ``to_empty``, ``to``, repr, pickling, non-contiguous tensors, memory
-format, gradcheck and gradgradcheck with batched grads, train/eval, error inputs), rewritten here,
-and most of them also compare the fastrnn module with a stock torch module holding the same
-state_dict. Every test runs once per entry (its id starts with ``RNN`` or ``GRU``).
+The samples are the ones PyTorch tests nn.RNN, nn.GRU and nn.LSTM with: the ``ModuleInfo`` entries
+for ``torch.nn.RNN``, ``torch.nn.GRU`` and ``torch.nn.LSTM`` in
+``torch.testing._internal.common_modules.module_db`` (their ``module_inputs_func`` and
+``module_error_inputs_func``; LSTM's samples include ``proj_size=2`` and pass hx as
+``(h0, c0)``). The checks are the ones PyTorch's ``test/test_modules.py`` applies to those entries
+on CPU (forward against the sample's reference, the ``.float()``/``.double()`` methods, factory
+kwargs, construction under ``torch.device("meta")``, ``to_empty``, ``to``, repr, pickling,
+non-contiguous tensors, memory format, gradcheck and gradgradcheck with batched grads, train/eval,
+error inputs), rewritten here, and most of them also compare the fastrnn module with a stock torch
+module holding the same state_dict. Every test runs once per entry (its id starts with ``RNN``,
+``GRU`` or ``LSTM``). Inputs and outputs are handled as trees (LSTM's hx and h_n are ``(h, c)`` tuples): gradients,
+upstream gradients and non-contiguous copies go leaf by leaf, as test_modules.py does. module_db's
+nn.LSTM entry skips nothing on CPU (its only skip is MPS; its decorators are RNN/GRU's CUDA
+xfails), and neither does this file.
 
 Every test runs the fastrnn module with ``backend="auto"`` (the fused kernels). To check the checks, run
 them also on ``backend="torch"`` (PyTorch's own implementation behind the same class), where every
@@ -26,6 +32,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 import fastrnn
 from helpers import assert_close, tolerance
@@ -83,7 +90,7 @@ ModuleErrorEnum = common_modules.ModuleErrorEnum
 # Each entry tested: its name -> (its ModuleInfo, the stock class, the fastrnn class).
 ENTRIES = {
     cls.__name__: (next(info for info in common_modules.module_db if info.module_cls is cls), cls, fast_cls)
-    for cls, fast_cls in ((torch.nn.RNN, fastrnn.RNN), (torch.nn.GRU, fastrnn.GRU))
+    for cls, fast_cls in ((torch.nn.RNN, fastrnn.RNN), (torch.nn.GRU, fastrnn.GRU), (torch.nn.LSTM, fastrnn.LSTM))
 }
 
 BACKENDS = tuple(os.environ.get("FASTRNN_MODULE_DB_BACKENDS", "auto").split(","))
@@ -97,8 +104,8 @@ def _info(entry):
 
 
 def _samples(entry, dtype=torch.float64, requires_grad=False, training=True, device="cpu", seed=0):
-    """module_db's forward samples for the entry (``"RNN"``, ``"GRU"``), with inputs drawn from a
-    fixed seed; the global RNG is left as it was."""
+    """module_db's forward samples for the entry (``"RNN"``, ``"GRU"``, ``"LSTM"``), with inputs
+    drawn from a fixed seed; the global RNG is left as it was."""
     info = _info(entry)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -124,6 +131,7 @@ def _sample_id(entry, sample):
             "batch_first" if k["batch_first"] else "seq_first",
             "bidir" if k["bidirectional"] else "unidir",
             f"H{k['hidden_size']}",
+            *([f"P{k['proj_size']}"] if k.get("proj_size") else []),
             "hx" if len(sample.forward_input.args) > 1 else "nohx",
         ]
     )
@@ -196,8 +204,8 @@ def _pair(entry, sample, backend, dtype, training=True):
 
 def _copy_parameters(source, target):
     # Not load_state_dict: with swap_module_params_on_conversion on, it swaps tensors, which the
-    # parameters of nn.RNN and nn.GRU refuse (RNNBase keeps weakrefs to them); .to()/to_empty()
-    # are exempt.
+    # parameters of nn.RNN, nn.GRU and nn.LSTM refuse (RNNBase keeps weakrefs to them);
+    # .to()/to_empty() are exempt.
     with torch.no_grad():
         for (name, p), (other, q) in zip(source.named_parameters(), target.named_parameters()):
             assert name == other
@@ -208,28 +216,37 @@ def _seq_len(sample):
     return sample.forward_input.args[0].shape[0]  # unbatched samples: (seq_len, input_size)
 
 
+def _output_names(outputs):
+    """(output, h_n), or an LSTM's (output, (h_n, c_n)): the names of its leaves."""
+    return ("output", "h_n", "c_n") if isinstance(outputs[1], (tuple, list)) else ("output", "h_n")
+
+
 def _assert_outputs(actual, expected, tol, what):
     assert isinstance(actual, tuple) and len(actual) == len(expected) == 2, f"{what}: {type(actual)}"
-    for name, a, e in zip(("output", "h_n"), actual, expected):
+    assert type(actual[1]) is type(expected[1]), f"{what} h_n: {type(actual[1])} != {type(expected[1])}"
+    names = _output_names(expected)
+    assert len(tree_leaves(actual)) == len(tree_leaves(expected)) == len(names), f"{what}: {actual!r}"
+    for name, a, e in zip(names, tree_leaves(actual), tree_leaves(expected)):
         assert a.dtype == e.dtype, f"{what} {name}: dtype {a.dtype} != {e.dtype}"
         assert_close(a, e, tol, f"{what} {name}")
 
 
 def _grad_outputs(outputs, seed=1):
+    """An upstream gradient for every leaf of the outputs (a flat tuple)."""
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outputs)
+    return tuple(torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in tree_leaves(outputs))
 
 
 def _forward_backward(module, args, grad_outputs):
-    """Outputs, and the gradients of every differentiable input and every parameter."""
+    """Outputs, and the gradients of every differentiable input leaf and every parameter."""
     outputs = module(*args)
-    leaves = [a for a in args if a.requires_grad] + list(module.parameters())
-    grads = torch.autograd.grad(outputs, leaves, grad_outputs)
-    return tuple(o.detach() for o in outputs), grads
+    leaves = [a for a in tree_leaves(args) if a.requires_grad] + list(module.parameters())
+    grads = torch.autograd.grad(tree_leaves(outputs), leaves, grad_outputs)
+    return tree_map(torch.Tensor.detach, outputs), grads
 
 
 def _grad_names(module, args):
-    return [f"grad input {i}" for i, a in enumerate(args) if a.requires_grad] + [
+    return [f"grad input leaf {i}" for i, a in enumerate(tree_leaves(args)) if a.requires_grad] + [
         f"grad {name}" for name, _ in module.named_parameters()
     ]
 
@@ -335,10 +352,12 @@ def test_device_ctx_init(entry, index, backend):
     assert all(p.is_meta for p in fast.parameters())
     _assert_same_metadata(fast, _fast(entry, sample, backend), "meta")
     args = meta_sample.forward_input.args
-    assert all(a.is_meta for a in args)
-    out, h_n = fast(*args)
-    ref_out, ref_h_n = stock(*args)
-    for name, a, e in (("output", out, ref_out), ("h_n", h_n, ref_h_n)):
+    assert all(a.is_meta for a in tree_leaves(args))
+    outputs, ref_outputs = fast(*args), stock(*args)
+    assert type(outputs[1]) is type(ref_outputs[1])
+    names = _output_names(ref_outputs)
+    assert len(tree_leaves(outputs)) == len(tree_leaves(ref_outputs)) == len(names)
+    for name, a, e in zip(names, tree_leaves(outputs), tree_leaves(ref_outputs)):
         assert a.is_meta, name
         assert (a.shape, a.dtype) == (e.shape, e.dtype), name
 
@@ -477,7 +496,7 @@ def test_non_contiguous_tensors(entry, index, dtype, backend):
     stock, fast = _pair(entry, sample, backend, dtype)
     names = _grad_names(fast, args)
     tol = tolerance(dtype, _seq_len(sample))
-    nc_args = tuple(_non_contiguous(a) for a in args)
+    nc_args = tree_map(_non_contiguous, args)
 
     def check(what, got, want):
         (out, grads), (want_out, want_grads) = got, want
@@ -521,14 +540,14 @@ def test_memory_format(entry, index, dtype, backend):
     sample = _samples(entry, dtype, requires_grad=True)[index]
     args = sample.forward_input.args
     _, fast = _pair(entry, sample, backend, dtype, training=True)
-    leaves = list(args) + list(fast.parameters())
-    desired = fast(*args)
+    leaves = tree_leaves(args) + list(fast.parameters())
+    desired = tree_leaves(fast(*args))
     grad_out = _grad_outputs(desired)
     desired_grads = torch.autograd.grad(desired, leaves, grad_out)
     for memory_format in (torch.preserve_format, torch.contiguous_format):
         fast.to(memory_format=memory_format)
-        leaves = list(args) + list(fast.parameters())
-        outputs = fast(*args)
+        leaves = tree_leaves(args) + list(fast.parameters())
+        outputs = tree_leaves(fast(*args))
         grads = torch.autograd.grad(outputs, leaves, grad_out)
         for what, got, want in (("output", outputs, desired), ("grad", grads, desired_grads)):
             for i, (a, e) in enumerate(zip(got, want)):
@@ -546,26 +565,28 @@ def _check_gradients(check, module, args, partials=True):
     with partials, to the inputs alone and to the parameters alone.
 
     test_modules.py checks the partials one parameter at a time (with the inputs): up to 17
-    checks a sample. Here the parameters go as one group, which keeps what a fused backward must
-    get right when only some of its inputs need gradients (the input half or the weight half of
-    its work) in 3 checks a sample."""
+    checks a sample (21 for LSTM with proj_size). Here the parameters go as one group, which keeps
+    what a fused backward must get right when only some of its inputs need gradients (the input
+    half or the weight half of its work) in 3 checks a sample. The inputs are a tree (LSTM's hx is
+    (h0, c0)): gradcheck gets its leaves, and the outputs' leaves, as test_modules.py does."""
     params = dict(module.named_parameters())
-    n_args = len(args)
+    flat_args, spec = tree_flatten(tuple(args))
+    n_args = len(flat_args)
 
     def fn(*inputs):
-        return tuple(module(*inputs[:n_args]))
+        return tuple(tree_leaves(module(*tree_unflatten(list(inputs[:n_args]), spec))))
 
     def run(what, inputs_grad, params_grad):
-        for a in args:
+        for a in flat_args:
             a.requires_grad_(inputs_grad)
         for p in params.values():
             p.requires_grad_(params_grad)
         try:
-            check(fn, tuple(args) + tuple(params.values()), check_batched_grad=True, fast_mode=True)
+            check(fn, tuple(flat_args) + tuple(params.values()), check_batched_grad=True, fast_mode=True)
         except Exception as error:
             raise AssertionError(f"{check.__name__} w.r.t. {what}: {type(error).__name__}: {error}") from error
         finally:
-            for t in (*args, *params.values()):
+            for t in (*flat_args, *params.values()):
                 t.requires_grad_(True)
 
     run("inputs and all parameters", True, True)
@@ -592,7 +613,8 @@ _WITH_HX = [i for i, name in enumerate(_SAMPLE_IDS) if name.endswith("-hx")]
 @pytest.mark.parametrize("entry,index", [_SAMPLES[i] for i in _WITH_HX], ids=[_SAMPLE_IDS[i] for i in _WITH_HX])
 def test_gradgradcheck(entry, index, backend):
     # The samples that pass hx (so input, hx and every parameter are differentiated; the others
-    # differ only in hx=None and hidden_size 2: 16 of 32 for RNN, 8 of 16 for GRU), with respect
+    # differ only in hx=None and hidden_size 2 (LSTM: seq_len 2): 16 of 32 for RNN, 8 of 16 for
+    # GRU, 16 of 32 for LSTM, half of them with proj_size), with respect
     # to all of them together only: at 0.5 s a check (2 cores), the partials or the other samples
     # would double the file's runtime.
     sample = _samples(entry, torch.float64, requires_grad=True)[index]

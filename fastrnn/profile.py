@@ -3,7 +3,7 @@
 Command line (writes DIR/trace.json for Perfetto or chrome://tracing, and DIR/ops.txt)::
 
     python -m fastrnn.profile --device cpu --T 100 --B 16 --H 128 --layers 2 --bidirectional --out DIR
-    python -m fastrnn.profile --cell GRU --out DIR     # fastrnn.GRU (default --cell RNN: fastrnn.RNN)
+    python -m fastrnn.profile --cell GRU --out DIR     # fastrnn.GRU or LSTM (default --cell RNN: fastrnn.RNN)
 
 Every fused op runs inside a ``record_function`` label that starts with ``fastrnn::`` (the op,
 backend and directions), so the table of ops and the trace show where each layer's forward and
@@ -102,11 +102,14 @@ class Workload:
         leaf.grad = None  # else every step after the first adds a gradient accumulation
         with torch.profiler.record_function("step/forward"):
             out, h_n = self.module(self.x)
-            out = out.data if isinstance(out, PackedSequence) else out
+            outputs = (
+                out.data if isinstance(out, PackedSequence) else out,
+                *(h_n if isinstance(h_n, tuple) else (h_n,)),
+            )
         if self.grads is None:
-            self.grads = (torch.ones_like(out), torch.ones_like(h_n))
+            self.grads = tuple(torch.ones_like(t) for t in outputs)
         with torch.profiler.record_function("step/backward"):
-            torch.autograd.backward((out, h_n), self.grads)
+            torch.autograd.backward(outputs, self.grads)
 
 
 def workload(
@@ -220,7 +223,7 @@ def profiled(
 def _parser():
     p = argparse.ArgumentParser(
         prog="python -m fastrnn.profile",
-        description="Profile forward+backward of an RNN or GRU under torch.profiler.",
+        description="Profile forward+backward of an RNN, GRU or LSTM under torch.profiler.",
     )
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument(

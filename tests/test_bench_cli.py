@@ -69,12 +69,14 @@ def test_tiny_run_writes_report_json_and_plots(tiny_run):
             assert f"]({png})" in text
 
 
-def test_tiny_run_has_labelled_gru_rows(tiny_run):
+def test_tiny_run_has_labelled_gru_and_lstm_rows(tiny_run):
     out, _ = tiny_run
     results = json.loads((out / "results.json").read_text())
-    assert results["meta"]["cells"] == ["RNN", "GRU"]
+    assert results["meta"]["cells"] == ["RNN", "GRU", "LSTM"]
     rows = results["rows"]
-    assert {r["cell"] for r in rows} == {"RNN", "GRU"}
+    assert {r["cell"] for r in rows} == {"RNN", "GRU", "LSTM"}
+    lstm = {(r["section"], r["mode"], r["proj_size"]) for r in rows if r["cell"] == "LSTM"}
+    assert lstm == {(s, m, p) for s, p in (("main", 0), ("proj", 3)) for m in ("train", "inference")}
     assert all(r["label"].startswith(r["cell"] + " ") for r in rows)  # every table names the cell
     gru = [r for r in rows if r["cell"] == "GRU"]
     assert {(r["section"], r["mode"]) for r in gru} == {
@@ -91,7 +93,7 @@ def test_tiny_run_has_labelled_gru_rows(tiny_run):
     fused = [r for r in gru if r["impl"] != "torch" and r["mode"] == "train"]
     assert all(r["torch_saved_bytes"] > 0 and r["saved_bytes"] > 0 for r in fused)
     assert [m["label"] for m in results["memory"]] == ["GRU T=12 B=3 H=8 fp32"]
-    assert [r["cell"] for r in results["first_call"]] == ["GRU"]
+    assert [r["cell"] for r in results["first_call"]] == ["LSTM"]
     text = (out / "report.md").read_text()
     for heading in ("## Summary per cell", "## GRU training step", "## GRU inference"):
         assert heading in text
@@ -102,7 +104,10 @@ def test_tiny_run_has_labelled_gru_rows(tiny_run):
     gru_section = text.split("## GRU training step", 1)[1].split("\n## ", 1)[0]
     assert "| GRU T=12 B=3 H=8 fp32 | torch |" in gru_section and "| RNN " not in gru_section
     assert "| GRU T=12 B=3 H=8 packed fp32 |" in text  # the packed table, beside the RNN's
-    assert "\n| GRU | fastrnn[" in text.split("## First call", 1)[1]
+    assert "\n| LSTM | fastrnn[" in text.split("## First call", 1)[1]
+    assert (
+        "## LSTM training step" in text and "| LSTM T=12 B=3 H=8 P=3 fp32 |" in text.split("## LSTM with proj_size")[1]
+    )
 
 
 def test_other_grids_do_not_overwrite_the_default_report():
@@ -119,9 +124,10 @@ def test_options_exist():
     )
     assert args.quick and args.dtype == "float64" and args.backend == "numba" and args.out == "x"
     assert _parser().parse_args(["--full"]).full
-    assert _pick_cells(args.cells) == ["GRU"] and _pick_cells(None) == _pick_cells("GRU,RNN") == ["RNN", "GRU"]
+    assert _pick_cells(args.cells) == ["GRU"] and _pick_cells(None) == ["RNN", "GRU", "LSTM"]
+    assert _pick_cells("LSTM,GRU,RNN") == ["RNN", "GRU", "LSTM"]
     with pytest.raises(SystemExit):
-        _pick_cells("LSTM")
+        _pick_cells("LSTMCell")
 
 
 def test_first_call_plan():
@@ -149,12 +155,17 @@ def test_default_grid_covers_the_issue():
     assert all(c.inference for c in gru)
     assert {c.section for c in gru} == {"main", "packed", "padded"}
     assert {(c.T, c.B, c.H) for c in gru if c.few_repeats} == cases.GRU_SLOW_SHAPES
+    lstm = [c for c in default if c.cell == "LSTM"]
+    assert [(c.T, c.B, c.H) for c in lstm if c.section == "main"] == list(cases.TRAIN_SHAPES)
+    assert {c.section for c in lstm} == {"main", "packed", "padded", "float64", "proj"}
+    assert [(c.T, c.B, c.H, c.proj_size) for c in lstm if c.section == "proj"] == list(cases.PROJ_SHAPES)
     # The RNN cases are those of the reports before the GRU, in the same order.
-    assert [c for c in default if c.cell == "RNN"] == default[: len(default) - len(gru)]
-    assert {c.cell for c in cases.memory_cases("default")} == {"RNN", "GRU"}
+    assert [c for c in default if c.cell == "RNN"] == default[: len(default) - len(gru) - len(lstm)]
+    assert {c.cell for c in cases.memory_cases("default")} == {"RNN", "GRU", "LSTM"}
     for name in ("tiny", "quick"):
         assert any(c.cell == "GRU" and c.section == "main" for c in cases.grid(name))
         assert any(c.cell == "GRU" and c.packed for c in cases.grid(name))
+        assert any(c.cell == "LSTM" and c.section == "main" for c in cases.grid(name))
     half = {c.dtype for c in cases.grid("default", "cuda")}
     assert {"bfloat16", "float16"} <= half and "float64" not in half
     assert {c.dtype for c in cases.grid("quick", "cpu", ["float64"])} == {"float64"}
@@ -185,7 +196,12 @@ def test_cases_name_their_cell():
     assert cases.Case("x", 1, 1, 1, nonlinearity="relu").mode == "RNN_RELU"
     assert cases.Case(**json.loads(json.dumps(gru.to_json()))) == gru  # what the memory subprocess gets
     with pytest.raises(ValueError, match="cell"):
-        cases.Case("main", 1, 1, 1, cell="LSTM")
+        cases.Case("main", 1, 1, 1, cell="LSTMCell")
+    lstm = cases.Case("proj", 100, 16, 256, cell="LSTM", proj_size=64)
+    assert lstm.label == "LSTM T=100 B=16 H=256 P=64 fp32" and lstm.gates == 4
+    assert lstm.forward_flops() == 2 * 100 * 16 * (4 * 256 * (256 + 64) + 64 * 256)
+    with pytest.raises(ValueError, match="proj_size"):
+        cases.Case("main", 1, 1, 4, cell="GRU", proj_size=2)
     with pytest.raises(ValueError, match="nonlinearity"):
         cases.Case("main", 1, 1, 1, cell="GRU", nonlinearity="relu")
 
@@ -199,6 +215,20 @@ def test_gru_runners_compare_torch_gru_with_fastrnn_gru():
     (out_t, h_t), (out_f, h_f) = (r.forward() for r in runners)
     torch.testing.assert_close(out_f, out_t)
     torch.testing.assert_close(h_f, h_t)
+    for r in runners:
+        r.train_step()
+
+
+def test_lstm_runners_compare_torch_lstm_with_fastrnn_lstm_projection_included():
+    case = cases.Case("proj", 5, 3, 4, I=2, layers=2, bidirectional=True, cell="LSTM", proj_size=2)
+    reference = impls.reference_module(case, "cpu")
+    assert type(reference) is torch.nn.LSTM and reference.proj_size == 2
+    runners = [impls.Runner.create(impl, case, "cpu", reference) for impl in impls.impl_names("cpu", ["torch"])]
+    assert [type(r.module) for r in runners] == [torch.nn.LSTM, fastrnn.LSTM]
+    expected, actual = (r.forward() for r in runners)
+    assert len(actual) == 3  # output, h_n, c_n
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e)
     for r in runners:
         r.train_step()
 

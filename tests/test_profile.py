@@ -129,8 +129,12 @@ def test_workload_steps_and_matches_the_bench():
     gru.step()
     assert all(p.grad is not None for p in gru.module.parameters())
     assert fprofile.workload("torch", cell="GRU", T=3, B=2, H=4).module.__class__ is torch.nn.GRU
+    lstm = fprofile.workload("fastrnn", cell="LSTM", T=5, B=3, H=4, bidirectional=True, packed=True)
+    assert type(lstm.module) is fastrnn.LSTM and lstm.module.weight_hh_l0.shape == (16, 4)
+    lstm.step()
+    assert all(p.grad is not None for p in lstm.module.parameters())
     with pytest.raises(ValueError, match="cell"):
-        fprofile.workload(cell="LSTM")
+        fprofile.workload(cell="LSTMCell")
     with pytest.raises(ValueError, match="nonlinearity"):
         fprofile.workload(cell="GRU", nonlinearity="relu")
     # The bench's packed cases and inputs come from the same builder.

@@ -1,7 +1,8 @@
 """The benchmark grid, written down once, and the FLOP model behind GFLOP/s.
 
 Every grid is a list of :class:`Case`; the report CLI and the pytest-benchmark suite both read it.
-A case names its cell (``RNN`` or ``GRU``): fastrnn's module of that cell is timed against torch's.
+A case names its cell (``RNN``, ``GRU`` or ``LSTM``): fastrnn's module of that cell is timed against
+torch's.
 """
 
 import dataclasses
@@ -35,6 +36,10 @@ SLOW_SHAPES = {(100, 256, 1024)}
 # The GRU runs the same training grid; torch.nn.GRU is ~3x slower than nn.RNN on a CPU, so its
 # two biggest shapes (~2 s and ~10 s per torch fwd+bwd on 2 cores) get few repeats.
 GRU_SLOW_SHAPES = {(300, 20, 800), (100, 256, 1024)}
+# torch.nn.LSTM (oneDNN on CPU) costs about what nn.GRU does: the same two get few repeats.
+SLOW = {"RNN": SLOW_SHAPES, "GRU": GRU_SLOW_SHAPES, "LSTM": GRU_SLOW_SHAPES}
+# LSTM's proj_size rows (T, B, H, P): torch then leaves oneDNN for its own per-step loop.
+PROJ_SHAPES = ((100, 16, 256, 64), (100, 1, 128, 32))
 # Speedup against hidden size, a line per batch size (T = 100); shapes already in TRAIN_SHAPES are reused.
 SWEEP_T, SWEEP_B, SWEEP_H = 100, (1, 16, 64), (64, 128, 256, 512)
 FULL_SWEEP_B, FULL_SWEEP_H = (1, 8, 16, 64, 256), (32, 64, 128, 256, 512, 1024)
@@ -70,13 +75,16 @@ class Case:
     nonlinearity: str = "tanh"
     inference: bool = True  # also time a forward under no_grad
     few_repeats: bool = False
-    cell: str = "RNN"  # "RNN" (torch.nn.RNN against fastrnn.RNN) or "GRU" (nn.GRU against fastrnn.GRU)
+    cell: str = "RNN"  # "RNN", "GRU" or "LSTM": torch.nn.<cell> against fastrnn.<cell>
+    proj_size: int = 0  # LSTM's: the output width P (0: H)
 
     def __post_init__(self):
         if self.cell not in CELL_NAMES:
             raise ValueError(f"unknown cell {self.cell!r}; choose from {', '.join(CELL_NAMES)}")
         if self.cell != "RNN" and self.nonlinearity != "tanh":
             raise ValueError(f"nonlinearity={self.nonlinearity!r} is an RNN option, not one of {self.cell}")
+        if self.proj_size and (self.cell != "LSTM" or self.proj_size >= self.H):
+            raise ValueError(f"proj_size={self.proj_size} is an LSTM option below H={self.H}")
 
     @property
     def mode(self):
@@ -85,7 +93,7 @@ class Case:
 
     @property
     def gates(self):
-        """G: the cell's W_ih is (G*H, I) and W_hh (G*H, H); 1 for RNN, 3 for GRU."""
+        """G: the cell's W_ih is (G*H, I) and W_hh (G*H, H); 1 for RNN, 3 for GRU, 4 for LSTM."""
         return CELLS[self.mode].gates
 
     @property
@@ -103,6 +111,8 @@ class Case:
     @property
     def label(self):
         parts = [self.cell, self.shape]
+        if self.proj_size:
+            parts.append(f"P={self.proj_size}")
         if self.layers > 1:
             parts.append(f"L={self.layers}")
         if self.bidirectional:
@@ -123,12 +133,14 @@ class Case:
         return sum(self.lengths())
 
     def forward_flops(self):
-        """2 * tokens * G*H * (I_layer + H) per layer and direction (G gates: 1 RNN, 3 GRU); the
-        pointwise part is ignored."""
+        """2 * tokens * (G*H * (I_layer + P) + P*H [LSTM's W_hr]) per layer and direction (G gates:
+        1 RNN, 3 GRU, 4 LSTM; P = proj_size or H, no W_hr without it); pointwise work is ignored."""
+        width = self.proj_size or self.H
         flops = 0
         for layer in range(self.layers):
-            layer_in = self.input_size if layer == 0 else self.H * self.directions
-            flops += self.directions * 2 * self.tokens * self.gates * self.H * (layer_in + self.H)
+            layer_in = self.input_size if layer == 0 else width * self.directions
+            step = self.gates * self.H * (layer_in + width) + (width * self.H if self.proj_size else 0)
+            flops += self.directions * 2 * self.tokens * step
         return flops
 
     def flops(self, mode):
@@ -148,8 +160,7 @@ class Case:
 
 
 def _train(shapes, section="main", cell="RNN", **kw):
-    slow = GRU_SLOW_SHAPES if cell == "GRU" else SLOW_SHAPES
-    return [Case(section, T, B, H, few_repeats=(T, B, H) in slow, cell=cell, **kw) for T, B, H in shapes]
+    return [Case(section, T, B, H, few_repeats=(T, B, H) in SLOW[cell], cell=cell, **kw) for T, B, H in shapes]
 
 
 def grid(name="default", device="cpu", dtypes=None):
@@ -168,6 +179,8 @@ def grid(name="default", device="cpu", dtypes=None):
             Case("float64", 12, 3, 8, dtype="float64"),
             Case("main", 12, 3, 8, cell="GRU"),
             Case("packed", 12, 3, 8, packed=True, cell="GRU"),
+            Case("main", 12, 3, 8, cell="LSTM"),
+            Case("proj", 12, 3, 8, cell="LSTM", proj_size=3),
         ]
     elif name == "quick":
         cases = _train(((100, 1, 64), (100, 16, 128), (100, 64, 512)))
@@ -180,6 +193,8 @@ def grid(name="default", device="cpu", dtypes=None):
             # The GRU: one training shape, and it packed (padded is the main case, measured once).
             Case("main", 100, 16, 128, cell="GRU"),
             Case("packed", 100, 16, 128, packed=True, cell="GRU"),
+            Case("main", 100, 16, 128, cell="LSTM"),
+            Case("packed", 100, 16, 128, packed=True, cell="LSTM"),
         ]
     else:
         full = name == "full"
@@ -210,18 +225,22 @@ def grid(name="default", device="cpu", dtypes=None):
             cases += [
                 Case("float64", T, B, H, dtype="float64", few_repeats=(T, B, H) in SLOW_SHAPES) for T, B, H in extra
             ]
-        # The GRU, after every RNN case (those stay as they were): the training grid, and packed
-        # against padded; --full adds layers and the dtype sections.
-        cases += _train(TRAIN_SHAPES, cell="GRU")
-        T, B, H = PACKED_SHAPE
-        cases += [Case("packed", T, B, H, packed=True, cell="GRU"), Case("padded", T, B, H, cell="GRU")]
-        if full:
-            T, B, H = STACK_SHAPE
-            cases += [Case("layers", T, B, H, layers=L, bidirectional=bi, cell="GRU") for L, bi in STACKS]
-            extra = [("float64", shape) for shape in FLOAT64_SHAPES]
-            if cuda:
-                extra = [(d, shape) for d in ("bfloat16", "float16") for shape in HALF_SHAPES[:2]]
-            cases += [Case(d, T, B, H, dtype=d, cell="GRU") for d, (T, B, H) in extra]
+        # The gated cells, after every RNN case (those stay as they were): the training grid, and
+        # packed against padded; LSTM adds its proj_size rows and float64; --full adds layers and
+        # the dtype sections.
+        for cell in ("GRU", "LSTM"):
+            cases += _train(TRAIN_SHAPES, cell=cell)
+            T, B, H = PACKED_SHAPE
+            cases += [Case("packed", T, B, H, packed=True, cell=cell), Case("padded", T, B, H, cell=cell)]
+            extra = [("float64", shape) for shape in FLOAT64_SHAPES[:1]] if cell == "LSTM" and not cuda else []
+            if full:
+                T, B, H = STACK_SHAPE
+                cases += [Case("layers", T, B, H, layers=L, bidirectional=bi, cell=cell) for L, bi in STACKS]
+                extra = [("float64", shape) for shape in FLOAT64_SHAPES]
+                if cuda:
+                    extra = [(d, shape) for d in ("bfloat16", "float16") for shape in HALF_SHAPES[:2]]
+            cases += [Case(d, T, B, H, dtype=d, cell=cell) for d, (T, B, H) in extra]
+        cases += [Case("proj", T, B, H, cell="LSTM", proj_size=P) for T, B, H, P in PROJ_SHAPES]
     if dtypes:
         cases = [
             case if case.section in DTYPE_SECTIONS else dataclasses.replace(case, dtype=dtypes[0])
@@ -240,11 +259,11 @@ def grid(name="default", device="cpu", dtypes=None):
 
 def memory_cases(name="default"):
     """The few cases whose peak resident memory is measured, each in its own subprocess: the RNN's,
-    then one GRU shape (torch.nn.GRU's step is ~3x the RNN's, so one)."""
+    then one GRU and one LSTM shape (their torch steps are ~3x the RNN's, so one each)."""
     if name == "tiny":
         # Only checks the path (one subprocess): the GRU's, whose cell travels through the JSON.
         return [Case("memory", 12, 3, 8, cell="GRU")]
-    gru = [Case("memory", 100, 64, 512, cell="GRU")]
+    gru = [Case("memory", 100, 64, 512, cell="GRU"), Case("memory", 100, 64, 512, cell="LSTM")]
     if name == "quick":
         return [Case("memory", 100, 64, 512)] + gru
     return [Case("memory", 100, 64, 512), Case("memory", 300, 20, 800), Case("memory", 1000, 8, 128)] + gru

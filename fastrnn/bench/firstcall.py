@@ -42,7 +42,8 @@ times = []
 for _ in range(2):
     t = time.perf_counter()
     out, h_n = rnn(x)
-    (out.sum() + h_n.sum()).backward()
+    states = h_n if isinstance(h_n, tuple) else (h_n,)  # LSTM's (h_n, c_n)
+    (out.sum() + sum(s.sum() for s in states)).backward()
     sync()
     times.append(time.perf_counter() - t)
 print(json.dumps({"import_torch_s": t1 - t0, "import_fastrnn_s": t2 - t1,

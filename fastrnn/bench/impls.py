@@ -58,6 +58,8 @@ def _module_kwargs(case, device):
     kwargs = dict(num_layers=case.layers, bidirectional=case.bidirectional, device=device, dtype=DTYPES[case.dtype])
     if case.cell == "RNN":
         kwargs["nonlinearity"] = case.nonlinearity
+    if case.proj_size:
+        kwargs["proj_size"] = case.proj_size
     return kwargs
 
 
@@ -114,9 +116,11 @@ class Runner:
     def create(cls, impl, case, device, reference=None):
         module = build(impl, case, device, reference)
         rows = case.tokens if case.packed else (case.T, case.B)
+        width, n_states = case.proj_size or case.H, CELLS[case.mode].states
         shapes = (
-            (*([rows] if case.packed else rows), case.directions * case.H),
-            (case.layers * case.directions, case.B, case.H),
+            (*([rows] if case.packed else rows), case.directions * width),
+            (case.layers * case.directions, case.B, width),
+            *[(case.layers * case.directions, case.B, case.H)] * (n_states - 1),
         )
         gen = torch.Generator().manual_seed(2)
         grads = tuple(torch.randn(s, generator=gen).to(device=device, dtype=DTYPES[case.dtype]) for s in shapes)
@@ -128,7 +132,8 @@ class Runner:
 
     def forward(self):
         out, h_n = self.module(self.x)
-        return (out.data if isinstance(out, PackedSequence) else out), h_n
+        states = h_n if isinstance(h_n, tuple) else (h_n,)  # LSTM's (h_n, c_n)
+        return (out.data if isinstance(out, PackedSequence) else out), *states
 
     def backward(self, outputs):
         torch.autograd.backward(outputs, self.grads)

@@ -180,7 +180,7 @@ def _key(row, k):
     return _cell(row) if k == "cell" else row.get(k)
 
 
-_TWIN_KEYS = ("cell", "T", "B", "H", "I", "layers", "bidirectional", "nonlinearity", "dtype")
+_TWIN_KEYS = ("cell", "T", "B", "H", "I", "layers", "bidirectional", "nonlinearity", "dtype", "proj_size")
 
 
 def _twin(rows, packed):
@@ -458,6 +458,7 @@ def write_markdown(results, path, plots=()):
         rows = _rows(results, "train", {dtype}, dtype)
         if rows:
             section(f"{dtype}", "\n\n".join(x for x in (_train_table(rows), _geomean_line(rows, dtype)) if x))
+    section("LSTM with proj_size", _train_table(_rows(results, "train", {"proj"})))
     section("Other cases", _train_table(_rows(results, "train", {"relu"})))
     section("Memory", _memory_section(results))
     if results.get("first_call"):

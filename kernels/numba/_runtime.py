@@ -245,6 +245,17 @@ def check_lengths(lengths, seq_len):
         raise ValueError(f"lengths must lie in [0, {seq_len}], got {values.min()} to {values.max()}")
 
 
+def check_shapes(lengths, seq_len, batch, expected, **named):
+    """``named``: name -> (tensor, the shape it must have). Unless every tensor has its shape, one
+    ValueError naming them all, with ``expected`` (the layouts in letters); then check() and
+    check_lengths()."""
+    if not all(t.shape == shape for t, shape in named.values()):
+        got = {name: tuple(t.shape) for name, (t, _) in named.items()}
+        raise ValueError(f"expected {expected}; got {got}")
+    check(lengths, batch, **{name: t for name, (t, _) in named.items()})
+    check_lengths(lengths, seq_len)
+
+
 def check_recurrence(gates, shape, w_hh, b_hh, lengths, states, **like_out):
     """For (T, B, D, H) = ``shape``: w_hh (D, G*H, H), b_hh (D, G*H) or None, ``states`` (name ->
     tensor) each (D, B, H), and ``like_out`` (name -> (tensor, W)) each (T, B, D, W)."""

@@ -13,12 +13,14 @@ def pytest_addoption(parser):
     group.addoption("--fastrnn-device", default=None, help="cpu or cuda (default: cuda if available)")
     group.addoption("--fastrnn-dtype", default=None, help="comma list of dtypes, as in python -m fastrnn.bench")
     group.addoption(
-        "--fastrnn-cells", default=None, help="comma list of cells (RNN, GRU; default: all), as python -m fastrnn.bench"
+        "--fastrnn-cells",
+        default=None,
+        help="comma list of cells (RNN, GRU, LSTM; default: all), as python -m fastrnn.bench",
     )
     group.addoption(
         "--fastrnn-compile",
         action="store_true",
-        help="add torch.compile(nn.RNN / nn.GRU) where it works (slow: compiles every shape and mode)",
+        help="add torch.compile of torch's module where it works (slow: compiles every shape and mode)",
     )
     group.addoption("--fastrnn-rounds", type=int, default=10, help="rounds of the backward-only benchmarks")
 

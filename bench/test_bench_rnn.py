@@ -1,5 +1,5 @@
-"""pytest-benchmark suite: fastrnn.RNN and fastrnn.GRU (each available backend) against
-torch.nn.RNN and torch.nn.GRU (the case's cell) and, with --fastrnn-compile, torch.compile of
+"""pytest-benchmark suite: fastrnn.RNN, fastrnn.GRU and fastrnn.LSTM (each available backend)
+against torch.nn.RNN, nn.GRU and nn.LSTM (the case's cell) and, with --fastrnn-compile, torch.compile of
 torch's module where it works. One group per case (cell and shape) and mode, so each group
 compares implementations.
 
@@ -89,6 +89,7 @@ def test_rnn(benchmark, request, bench_case, mode, impl):
         I=case.input_size,
         layers=case.layers,
         bidirectional=case.bidirectional,
+        proj_size=case.proj_size,
         dtype=case.dtype,
         packed=case.packed,
         tokens=case.tokens,

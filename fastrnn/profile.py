@@ -3,7 +3,8 @@
 Command line (writes DIR/trace.json for Perfetto or chrome://tracing, and DIR/ops.txt)::
 
     python -m fastrnn.profile --device cpu --T 100 --B 16 --H 128 --layers 2 --bidirectional --out DIR
-    python -m fastrnn.profile --cell GRU --out DIR     # fastrnn.GRU or LSTM (default --cell RNN: fastrnn.RNN)
+    python -m fastrnn.profile --cell GRU --out DIR     # fastrnn.GRU (default --cell RNN: fastrnn.RNN)
+    python -m fastrnn.profile --cell LSTM --proj-size 32 --out DIR   # fastrnn.LSTM, W_hr included
 
 Every fused op runs inside a ``record_function`` label that starts with ``fastrnn::`` (the op,
 backend and directions), so the table of ops and the trace show where each layer's forward and
@@ -21,7 +22,7 @@ In Python::
     # prof_out/trace.json and prof_out/ops.txt are written on exit; ``prof`` is the
     # torch.profiler.profile object (prof.key_averages() etc.).
 
-``workload(...)`` builds the module (RNN or GRU) and input the command line profiles
+``workload(...)`` builds the module (RNN, GRU or LSTM) and input the command line profiles
 (``Workload.step()`` is one labelled forward+backward), for profiling the same thing from Python.
 """
 
@@ -44,7 +45,7 @@ from .cells import CELLS
 from .convert import FUSED
 
 LABEL = "fastrnn"
-# The cells --cell takes: torch's class names (nn.RNN, nn.GRU), whose fused twins fastrnn.convert.FUSED maps.
+# The cells --cell takes: torch's class names (nn.RNN, nn.GRU, nn.LSTM), whose fused twins fastrnn.convert.FUSED maps.
 CELL_CLASSES = {cls.__name__: cls for cls in dict.fromkeys(cell.torch_class for cell in CELLS.values())}
 # Nsight Compute's kernel filter: the persistent Triton kernels of kernels/triton/recurrence.py
 # (_recurrence_fwd_kernel, _recurrence_bwd_kernel and their _tiled variants), one set for every cell.
@@ -87,13 +88,14 @@ def make_input(
 
 @dataclasses.dataclass
 class Workload:
-    """One RNN or GRU and its input: what ``python -m fastrnn.profile`` runs, step after step."""
+    """One RNN, GRU or LSTM and its input: what ``python -m fastrnn.profile`` runs, step after step."""
 
     module: torch.nn.Module
     x: Tensor | PackedSequence
-    # Upstream gradients for (output, h_n): ones, made on the first step (a warm-up one), so that
-    # profiled steps allocate nothing of their own. Their values do not change which kernels run.
-    grads: tuple[Tensor, Tensor] | None = None
+    # Upstream gradients for (output, h_n) [LSTM: (output, h_n, c_n)]: ones, made on the first step
+    # (a warm-up one), so that profiled steps allocate nothing of their own. Their values do not
+    # change which kernels run.
+    grads: tuple[Tensor, ...] | None = None
 
     def step(self) -> None:
         """One forward+backward, labelled ``step/forward`` and ``step/backward`` in a profile."""
@@ -123,15 +125,17 @@ def workload(
     layers: int = 1,
     bidirectional: bool = False,
     nonlinearity: str = "tanh",
+    proj_size: int = 0,
     dtype: torch.dtype | str = torch.float32,
     packed: bool = False,
     backend: str = "auto",
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> Workload:
-    """fastrnn's module of ``cell`` (``impl="fastrnn"``, on ``backend``: ``fastrnn.RNN`` or
-    ``fastrnn.GRU``) or torch's (``impl="torch"``: ``torch.nn.RNN`` or ``torch.nn.GRU``) with seeded
-    weights and a random input of (T, B, I or H). ``nonlinearity`` is the RNN's only."""
+    """fastrnn's module of ``cell`` (``impl="fastrnn"``, on ``backend``: ``fastrnn.RNN``,
+    ``fastrnn.GRU`` or ``fastrnn.LSTM``) or torch's (``impl="torch"``: ``torch.nn.RNN``, ``nn.GRU``
+    or ``nn.LSTM``) with seeded weights and a random input of (T, B, I or H). ``nonlinearity`` is the
+    RNN's only, ``proj_size`` (0: none) the LSTM's."""
     if impl not in ("fastrnn", "torch"):
         raise ValueError(f"impl must be 'fastrnn' or 'torch', not {impl!r}")
     if cell not in CELL_CLASSES:
@@ -139,11 +143,15 @@ def workload(
     torch_class = CELL_CLASSES[cell]
     if torch_class is not torch.nn.RNN and nonlinearity != "tanh":
         raise ValueError(f"nonlinearity={nonlinearity!r} is an RNN option; a {cell} has none")
+    if proj_size and torch_class is not torch.nn.LSTM:
+        raise ValueError(f"proj_size={proj_size} is an LSTM option; a {cell} has none")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     torch.manual_seed(seed)
     kwargs = dict(num_layers=layers, bidirectional=bidirectional, device=device, dtype=dtype)
     if torch_class is torch.nn.RNN:
         kwargs["nonlinearity"] = nonlinearity
+    if proj_size:
+        kwargs["proj_size"] = proj_size  # torch checks 0 < proj_size < H
     if impl == "fastrnn":
         module = FUSED[torch_class](I or H, H, backend=backend, **kwargs)
     else:
@@ -230,7 +238,7 @@ def _parser():
         "--cell",
         choices=tuple(CELL_CLASSES),
         default="RNN",
-        help="the module: RNN (fastrnn.RNN / torch.nn.RNN, default) or GRU (fastrnn.GRU / torch.nn.GRU)",
+        help="the module: RNN (fastrnn.RNN / torch.nn.RNN, default), GRU or LSTM (fastrnn.LSTM / torch.nn.LSTM)",
     )
     p.add_argument("--T", type=int, default=100, help="sequence length (default 100)")
     p.add_argument("--B", type=int, default=16, help="batch size (default 16)")
@@ -239,6 +247,7 @@ def _parser():
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--bidirectional", action="store_true")
     p.add_argument("--nonlinearity", choices=("tanh", "relu"), default="tanh", help="RNN only (default tanh)")
+    p.add_argument("--proj-size", type=int, default=0, help="LSTM only: proj_size, below H (default 0: none)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
     p.add_argument("--packed", action="store_true", help="PackedSequence input, lengths spread T..T/10")
     p.add_argument("--backend", default="auto", help="fastrnn backend: auto, numba, triton or torch")
@@ -246,7 +255,7 @@ def _parser():
         "--impl",
         choices=("fastrnn", "torch"),
         default="fastrnn",
-        help="profile fastrnn's module (default) or torch's (torch.nn.RNN / nn.GRU), for comparison",
+        help="profile fastrnn's module (default) or torch's (torch.nn.RNN / nn.GRU / nn.LSTM), for comparison",
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, caches)")
     p.add_argument("--steps", type=int, default=3, help="profiled forward+backward steps")
@@ -288,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cell != "RNN" and args.nonlinearity != "tanh":
         parser.error(f"--nonlinearity is an RNN option; --cell {args.cell} has none")
+    if args.proj_size and (args.cell != "LSTM" or not 0 < args.proj_size < args.H):
+        parser.error(f"--proj-size is an LSTM option in (0, H={args.H}); got {args.proj_size} with --cell {args.cell}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     work = workload(
@@ -300,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         layers=args.layers,
         bidirectional=args.bidirectional,
         nonlinearity=args.nonlinearity,
+        proj_size=args.proj_size,
         dtype=args.dtype,
         packed=args.packed,
         backend=args.backend,
@@ -309,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = f"T={args.T} B={args.B} H={args.H} I={args.I or args.H} layers={args.layers}"
     shape += " bidirectional" * args.bidirectional + " packed" * args.packed
     shape += f" {args.nonlinearity}" if args.cell == "RNN" else ""
+    shape += f" proj_size={args.proj_size}" if args.proj_size else ""
     print(
         f"profiling {name} {shape} {args.dtype} on {device}: {args.warmup} warm-up + {args.steps} steps",
         file=sys.stderr,

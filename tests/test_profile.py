@@ -98,6 +98,23 @@ def test_cli_profiles_the_gru(tmp_path, capsys):
         fprofile.main([*argv, "--nonlinearity", "relu", "--out", str(out)])  # an RNN option
 
 
+def test_cli_profiles_the_lstm_with_its_projection(tmp_path, capsys):
+    # --cell LSTM: the states are (h_n, c_n), both get upstream gradients; --proj-size adds W_hr.
+    out = tmp_path / "prof"
+    argv = ["--device", "cpu", "--cell", "LSTM", "--T", "6", "--B", "2", "--H", "4", "--warmup", "1", "--steps", "1"]
+    assert fprofile.main([*argv, "--proj-size", "2", "--out", str(out)]) == 0
+    assert "profiling fastrnn.LSTM[auto] T=6 B=2 H=4" in capsys.readouterr().err
+    names = _trace_names(out / "trace.json")
+    assert {"step/forward", "step/backward"} <= names
+    if FUSED_ON_CPU:
+        assert any(n.startswith("fastrnn::rnn_fwd[") and ",LSTM," in n for n in names)
+        assert any(n.startswith("fastrnn::rnn_bwd[") and ",LSTM," in n for n in names)
+    assert fprofile.main([*argv, "--impl", "torch", "--out", str(out)]) == 0
+    for bad in (["--proj-size", "4"], ["--proj-size", "2", "--cell", "GRU"]):  # proj_size < H, LSTM only
+        with pytest.raises(SystemExit):
+            fprofile.main([*argv, *bad, "--out", str(out)])
+
+
 def _triton_kernel_names():
     # find_spec locates the package (kernels/ in a checkout) without importing it, or Triton.
     source = pathlib.Path(importlib.util.find_spec("fastrnn.kernels").origin).parent / "triton" / "recurrence.py"
@@ -133,6 +150,14 @@ def test_workload_steps_and_matches_the_bench():
     assert type(lstm.module) is fastrnn.LSTM and lstm.module.weight_hh_l0.shape == (16, 4)
     lstm.step()
     assert all(p.grad is not None for p in lstm.module.parameters())
+    assert len(lstm.grads) == 3  # output, h_n, c_n
+    proj = fprofile.workload("fastrnn", cell="LSTM", T=5, B=3, H=4, proj_size=2, layers=2)
+    assert proj.module.proj_size == 2 and proj.module.weight_hr_l1.shape == (2, 4)
+    proj.step()
+    assert all(p.grad is not None for p in proj.module.parameters())
+    assert fprofile.workload("torch", cell="LSTM", T=3, B=2, H=4, proj_size=3).module.__class__ is torch.nn.LSTM
+    with pytest.raises(ValueError, match="proj_size"):
+        fprofile.workload(cell="GRU", proj_size=2)
     with pytest.raises(ValueError, match="cell"):
         fprofile.workload(cell="LSTMCell")
     with pytest.raises(ValueError, match="nonlinearity"):

@@ -1,5 +1,5 @@
-"""``python -m fastrnn.bench``: time fastrnn.RNN and fastrnn.GRU against torch.nn.RNN and
-torch.nn.GRU and write a report.
+"""``python -m fastrnn.bench``: time fastrnn.RNN, fastrnn.GRU and fastrnn.LSTM against
+torch.nn.RNN, torch.nn.GRU and torch.nn.LSTM and write a report.
 
 Writes report.md, results.json and PNG plots to bench/results/<device>-<cpu or gpu>-<date>/
 under the working directory, with -<grid> added for grids other than the default (or to --out).
@@ -60,7 +60,7 @@ def _parser():
     p.add_argument(
         "--compile",
         action="store_true",
-        help="also time torch.compile(nn.RNN / nn.GRU) (slow: compiles every shape, minutes on a small CPU)",
+        help="also time torch.compile of torch's module (slow: compiles every shape, minutes on a small CPU)",
     )
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-process peak memory runs")

@@ -1,4 +1,4 @@
-"""First-call latency: a fresh interpreter imports torch, then fastrnn, builds a small RNN or GRU
+"""First-call latency: a fresh interpreter imports torch, then fastrnn, builds a small RNN, GRU or LSTM
 and runs forward+backward twice. Interpreter start-up is not counted; import, first call (which
 includes any JIT compilation or cache load) and second call are reported separately.
 
@@ -75,7 +75,7 @@ def first_call(
     timeout: float = 600,
     cell: str = "RNN",
 ) -> dict:
-    """Time ``impl``'s first forward+backward of a ``cell`` ("RNN" or "GRU") in a fresh process.
+    """Time ``impl``'s first forward+backward of a ``cell`` ("RNN", "GRU" or "LSTM") in a fresh process.
 
     ``cold_cache`` points Numba's and Triton's on-disk caches at an empty directory, so the
     first call includes compiling the kernels (what a fresh install sees).

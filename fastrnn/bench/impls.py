@@ -1,6 +1,7 @@
-"""What is being compared: torch's module of the case's cell (``torch.nn.RNN`` or ``nn.GRU``), an
-optional ``torch.compile`` of it, and fastrnn's fused one (``fastrnn.RNN`` or ``fastrnn.GRU``) on
-each available backend, all with the same weights and inputs.
+"""What is being compared: torch's module of the case's cell (``torch.nn.RNN``, ``nn.GRU`` or
+``nn.LSTM``, ``proj_size`` included), an optional ``torch.compile`` of it, and fastrnn's fused one
+(``fastrnn.RNN``, ``fastrnn.GRU`` or ``fastrnn.LSTM``) on each available backend, all with the same
+weights and inputs.
 
 A :class:`Runner` owns one module and its inputs and exposes the three calls the timers need:
 ``forward()``, ``backward(outputs)`` and ``infer()``.
@@ -43,12 +44,12 @@ def backend_of(impl):
 
 
 def torch_class(case):
-    """torch's module class of ``case.cell``: ``torch.nn.RNN`` or ``torch.nn.GRU``."""
+    """torch's module class of ``case.cell``: ``torch.nn.RNN``, ``nn.GRU`` or ``nn.LSTM``."""
     return CELLS[case.mode].torch_class
 
 
 def fused_class(case):
-    """fastrnn's drop-in of ``case.cell``: ``fastrnn.RNN`` or ``fastrnn.GRU``."""
+    """fastrnn's drop-in of ``case.cell``: ``fastrnn.RNN``, ``fastrnn.GRU`` or ``fastrnn.LSTM``."""
     from ..convert import FUSED
 
     return FUSED[torch_class(case)]
@@ -103,7 +104,8 @@ def _sync(device):
 
 @dataclasses.dataclass
 class Runner:
-    """One implementation on one case: module, inputs, fixed upstream gradients."""
+    """One implementation on one case: module, inputs, fixed upstream gradients (for the output and
+    h_n, and LSTM's c_n: ``forward()`` returns the states flat, ``(out, h_n[, c_n])``)."""
 
     impl: str
     case: object

@@ -32,7 +32,8 @@ def _cell(row):
 
 def speedup_vs_hidden(results, path):
     """Training-step speedup against torch's module by hidden size, one line per batch size; a
-    panel per cell (RNN, GRU) and fused implementation."""
+    panel per cell (RNN, GRU, LSTM) and fused implementation. LSTM's proj_size rows are left out
+    (another output width than H)."""
     plt = _pyplot()
     base = results["meta"]["base_dtype"]
     rows = [
@@ -42,6 +43,7 @@ def speedup_vs_hidden(results, path):
         and r["layers"] == 1
         and not r["bidirectional"]
         and not r["packed"]
+        and not r.get("proj_size")
         and r["dtype"] == base
         and r.get("speedup")
         and r["impl"] != "torch"
@@ -88,7 +90,11 @@ def memory_bars(results, path):
     if plt is None or not (saved or peaks):
         return None
     panels = [(t, data) for t, data in (("saved for backward", saved), ("peak above start of step", peaks)) if data]
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.4), squeeze=False)
+    # Wide enough for every bar group's label (about 30 with three cells' main shapes).
+    widths = [max(7.5, 0.3 * len({r["label"] for r in data})) for _, data in panels]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(sum(widths), 4.4), squeeze=False, gridspec_kw={"width_ratios": widths}
+    )
     for ax, (title, data) in zip(axes[0], panels):
         key = "saved_bytes" if title == "saved for backward" else "step_bytes"
         labels = list(dict.fromkeys(r["label"] for r in data))

@@ -1,7 +1,8 @@
 """results.json and report.md from the rows a run measured (no measuring here).
 
-Every row names its cell (``RNN`` or ``GRU``, in the label too) and is compared with torch's module
-of that cell; rows of reports written before GRU rows existed have no ``cell`` and are RNN rows.
+Every row names its cell (``RNN``, ``GRU`` or ``LSTM``, in the label too) and is compared with
+torch's module of that cell; rows of reports written before GRU rows existed have no ``cell`` and
+are RNN rows. :data:`GOALS` holds what the issues ask of a cell; the report checks them.
 """
 
 import json
@@ -9,6 +10,20 @@ import math
 import os
 
 from .cases import CELL_NAMES, geomean
+
+# What the issues ask of a cell's fused module against torch's, on the CPU grid (one layer, the
+# run's dtype): issue 16, item 5 for the LSTM (against torch.nn.LSTM, oneDNN on CPU for float32).
+GOALS = {
+    "LSTM": dict(
+        issue="issue 16, item 5",
+        lowest_train=1.0,  # the training step's lowest speedup over the grid's shapes
+        at_shape=((100, 1, 64), 3.0),  # (T, B, H), the speedup there
+        geomean_train=1.5,
+        packed_over_padded=0.8,  # packed time / the same batch padded, at most
+        packed_vs_torch=3.0,  # speedup against torch's module on the same PackedSequence
+        first_call_warm_s=1.0,  # a fresh process's first forward+backward, Numba cache warm
+    )
+}
 
 
 def write_json(results, path):
@@ -159,7 +174,12 @@ def _sweep_tables(results):
     rows = [
         r
         for r in _rows(results, "train", dtype=base)
-        if r["T"] == 100 and r["layers"] == 1 and not r["bidirectional"] and not r["packed"] and r.get("speedup")
+        if r["T"] == 100
+        and r["layers"] == 1
+        and not r["bidirectional"]
+        and not r["packed"]
+        and not r.get("proj_size")
+        and r.get("speedup")
     ]
     out = []
     for cell in [c for c in _cells(rows) if c in swept]:
@@ -309,7 +329,8 @@ def _first_call_text(results):
     rows = results["first_call"]
     shape = next((tuple(r.get(k) for k in "TBH") for r in rows if "T" in r), None)
     text = (
-        f"Small module (T, B, H) = {shape}, `nn.RNN(H, H)` / `nn.GRU(H, H)` or fastrnn's, interpreter start not counted"
+        f"Small module (T, B, H) = {shape}, `nn.RNN(H, H)`, `nn.GRU(H, H)` or `nn.LSTM(H, H)`, or fastrnn's, "
+        "interpreter start not counted"
     )
     warm_up = results["meta"].get("numba_warm_up")
     if warm_up:
@@ -318,12 +339,9 @@ def _first_call_text(results):
     return text + ":\n\n" + _first_call_table(rows)
 
 
-def _packed_ratio(train, cell, impl, base):
-    """(impl packed / padded time, torch's) for the cell's first one-layer packed case, or None."""
-
-    def same_config(r, other):
-        return r["packed"] and "error" not in r and all(_key(r, k) == _key(other, k) for k in _TWIN_KEYS)
-
+def _packed_pair(train, cell, impl, base):
+    """(packed row, its padded twin) of ``impl`` for the cell's first one-layer packed case (the
+    run's dtype first), or None."""
     candidates = [
         r
         for r in train
@@ -337,12 +355,114 @@ def _packed_ratio(train, cell, impl, base):
     candidates.sort(key=lambda r: r["dtype"] != base)  # the run's dtype first
     for mine in candidates:
         twin = _twin(train, mine)
-        if twin is None:
-            continue
-        ref = next((r for r in train if r["impl"] == "torch" and same_config(r, mine)), None)
-        ref_twin = _twin(train, ref) if ref else None
-        return mine["ms_median"] / twin["ms_median"], (ref["ms_median"] / ref_twin["ms_median"] if ref_twin else None)
+        if twin is not None:
+            return mine, twin
     return None
+
+
+def _packed_ratio(train, cell, impl, base):
+    """(impl packed / padded time, torch's) for the cell's first one-layer packed case, or None."""
+    pair = _packed_pair(train, cell, impl, base)
+    if pair is None:
+        return None
+    mine, twin = pair
+    ref = next((r for r in train if r["impl"] == "torch" and _same_config(r, mine)), None)
+    ref_twin = _twin(train, ref) if ref else None
+    return mine["ms_median"] / twin["ms_median"], (ref["ms_median"] / ref_twin["ms_median"] if ref_twin else None)
+
+
+def _same_config(r, other):
+    return r["packed"] == other["packed"] and "error" not in r and all(_key(r, k) == _key(other, k) for k in _TWIN_KEYS)
+
+
+def _verdict(value, limit, at_least=True):
+    if value is None or not math.isfinite(value):
+        return "not measured"
+    return "met" if (value >= limit if at_least else value <= limit) else "**not met**"
+
+
+def _goal_lines(results, cell, impl, goals):
+    """[goal, measured, verdict] rows of one cell's fused implementation against ``goals``."""
+    base = results["meta"]["base_dtype"]
+    train_all = _rows(results, "train")
+    main = _speedups(_rows(results, "train", {"main"}, base, cell), impl)
+    shape = lambda r: f"T={r['T']} B={r['B']} H={r['H']}"  # noqa: E731
+    lines = []
+    worst = min(main, key=lambda r: r["speedup"]) if main else None
+    lines.append(
+        [
+            f"training step never below ×{goals['lowest_train']:g} on the grid",
+            f"lowest ×{worst['speedup']:.2f} at {shape(worst)}, over {len(main)} shapes" if worst else "—",
+            _verdict(worst["speedup"] if worst else None, goals["lowest_train"]),
+        ]
+    )
+    (T, B, H), want = goals["at_shape"]
+    there = next((r for r in main if (r["T"], r["B"], r["H"]) == (T, B, H)), None)
+    lines.append(
+        [
+            f"training step ≥ ×{want:g} at T={T} B={B} H={H}",
+            f"×{there['speedup']:.2f} (×{there['speedup_min']:.2f} by min)" if there else "—",
+            _verdict(there["speedup"] if there else None, want),
+        ]
+    )
+    mean = geomean(r["speedup"] for r in main) if main else None
+    lines.append(
+        [
+            f"training step geomean ≥ ×{goals['geomean_train']:g}",
+            f"×{mean:.2f} over {len(main)} shapes" if main else "—",
+            _verdict(mean, goals["geomean_train"]),
+        ]
+    )
+    pair = _packed_pair(train_all, cell, impl, base)
+    ratio = pair[0]["ms_median"] / pair[1]["ms_median"] if pair else None
+    lines.append(
+        [
+            f"packed ≤ {goals['packed_over_padded']:g} of the same batch padded",
+            f"{ratio:.2f} ({pair[0]['label']})" if pair else "—",
+            _verdict(ratio, goals["packed_over_padded"], at_least=False),
+        ]
+    )
+    packed = pair[0] if pair and pair[0].get("speedup") else None
+    lines.append(
+        [
+            f"packed ≥ ×{goals['packed_vs_torch']:g} torch.nn.{cell} on the same PackedSequence",
+            f"×{packed['speedup']:.2f} (×{packed['speedup_min']:.2f} by min)" if packed else "—",
+            _verdict(packed["speedup"] if packed else None, goals["packed_vs_torch"]),
+        ]
+    )
+    warm = next(
+        (
+            r["first_call_s"]
+            for r in results.get("first_call", [])
+            if r["impl"] == impl and _cell(r) == cell and not r.get("cold_cache") and "first_call_s" in r
+        ),
+        None,
+    )
+    lines.append(
+        [
+            f"first forward+backward, warm cache, < {goals['first_call_warm_s']:g} s",
+            f"{warm:.2f} s" if warm is not None else "—",
+            "not measured" if warm is None else "met" if warm < goals["first_call_warm_s"] else "**not met**",
+        ]
+    )
+    return lines
+
+
+def _goals_section(results):
+    """Per cell with :data:`GOALS` and fused implementation: each goal, what this run measured, and
+    whether it is met (by median). Empty off the CPU or when no such cell was timed fused."""
+    if not results["meta"]["device"].startswith("cpu"):
+        return ""
+    out = []
+    train = _rows(results, "train")
+    for cell, goals in GOALS.items():
+        for impl in _fused_impls([r for r in train if _cell(r) == cell]):
+            lines = _goal_lines(results, cell, impl, goals)
+            out.append(
+                f"{impl} against torch.nn.{cell} ({goals['issue']}; speedups by median, "
+                f"{results['meta']['base_dtype']}, one layer):\n\n" + _table(["goal", "this run", ""], lines)
+            )
+    return "\n\n".join(out)
 
 
 def _summary_table(results):
@@ -412,13 +532,13 @@ def write_markdown(results, path, plots=()):
         + (f"; GPU {meta['gpu_name']}" if meta.get("gpu_name") else ""),
         f"- Versions: {versions}",
         f"- Grid `{meta['grid']}`; cells: {', '.join(meta.get('cells', ['RNN']))} (each fastrnn module against "
-        f"torch's of the same cell: nn.RNN, nn.GRU); implementations: {', '.join(meta['impls'])}",
+        f"torch's of the same cell: nn.RNN, nn.GRU, nn.LSTM); implementations: {', '.join(meta['impls'])}",
         "- GEMM peak (fastest `torch.mm` n×n, before and after the cases): "
         + ", ".join(f"{d} {p['gflops']:.1f} GFLOP/s (n={p['n']})" for d, p in peaks.items()),
         "- Timing: implementations alternate within every repeat; times are median (min) over repeats, "
         "speedup = torch time / impl time from the same run (> 1: faster than torch). "
-        "FLOPs per layer-direction: forward 2·tokens·G·H·(I+H) with G gates (RNN 1, GRU 3), "
-        "backward 2× forward. "
+        "FLOPs per layer-direction: forward 2·tokens·G·H·(I+H) with G gates (RNN 1, GRU 3, LSTM 4); "
+        "an LSTM with proj_size P: 2·tokens·(4H·(I+P) + P·H); backward 2× forward. "
         "How to read: bench/README.md.",
         f"- Run time {meta['run_s']:.0f} s; command `{meta['command']}`",
     ]
@@ -439,6 +559,7 @@ def write_markdown(results, path, plots=()):
         "a fresh process's first forward+backward.\n\n"
         + summary,
     )
+    section("Goals", _goals_section(results))
     for cell in _cells(_rows(results, "train", {"main"}) + _rows(results, "inference", {"main"})):
         main = _rows(results, "train", {"main"}, base, cell)
         section(

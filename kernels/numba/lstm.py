@@ -8,9 +8,12 @@ backward (CONTRACTS.md, "Two-state cells"); backward recomputes tanh(c'). The ta
 threading and whole-layer GEMMs are those of every cell (``_runtime``, ``_linalg``).
 """
 
+import math
+
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from . import _runtime as rt
 from ._linalg import hand_matmul, layer_gradients, matmul, project, recurrent_product, transposed_for_rows
@@ -26,21 +29,29 @@ _HALF, _ONE = np.float32(0.5), np.float32(1.0)
 _NO_PROJECTION = {torch.float32: np.empty((0, 0, 0), np.float32), torch.float64: np.empty((0, 0, 0), np.float64)}
 
 
-@njit(inline="always", **_JIT)
-def _tanh(z, single):
-    return tanh_float32(z) if single else tanh_float64(z)
+def _tanh(z):
+    """tanh in z's own precision (``fast_tanh``) inside the kernels."""
+    return math.tanh(z)
+
+
+@overload(_tanh, jit_options={"fastmath": rt.FASTMATH})
+def _tanh_of_type(z):
+    # Chosen by z's type when compiling. A runtime flag (gru.py's ``single``) leaves both precisions'
+    # tanh in the loop; with the LSTM's five per element LLVM then no longer unswitches the loop,
+    # and it runs scalar (forward 1.9x slower at T, B, H = 100, 16, 128; paired runs, one thread).
+    if z == types.float32:
+        return lambda z: tanh_float32(z)
+    return lambda z: tanh_float64(z)
 
 
 @njit(inline="always", **_JIT)
-def _sigmoid(z, single):
+def _sigmoid(z):
     # Through tanh, which vectorises (a libm exp call would not); exact to tanh's error.
-    return _HALF + _HALF * _tanh(_HALF * z, single)
+    return _HALF + _HALF * _tanh(_HALF * z)
 
 
 @njit(**_JIT)
-def _fwd_task(
-    proj, w_hh, w_hh_t, w_hr, w_hr_t, h0, c0, lengths, single, d, b0, stride, rows, use_blas, out, h_n, c_n, saved
-):
+def _fwd_task(proj, w_hh, w_hh_t, w_hr, w_hr_t, h0, c0, lengths, d, b0, stride, rows, use_blas, out, h_n, c_n, saved):
     """The forward time loop of one direction for the batch rows b0 + i * stride, i < rows. An
     empty ``w_hr`` means no projection (h = m = o ⊙ tanh(c)); an empty ``saved`` (inference)
     sends each step's gates to a scratch row instead."""
@@ -71,15 +82,15 @@ def _fwd_task(
                 x, a = proj[t, b, d], acc[i]
                 keep = saved[t, b, d] if store else scratch
                 for j in range(hidden):
-                    gi = _sigmoid(x[j] + a[j], single)
-                    gf = _sigmoid(x[hidden + j] + a[hidden + j], single)
-                    gg = _tanh(x[2 * hidden + j] + a[2 * hidden + j], single)
-                    go = _sigmoid(x[3 * hidden + j] + a[3 * hidden + j], single)
+                    gi = _sigmoid(x[j] + a[j])
+                    gf = _sigmoid(x[hidden + j] + a[hidden + j])
+                    gg = _tanh(x[2 * hidden + j] + a[2 * hidden + j])
+                    go = _sigmoid(x[3 * hidden + j] + a[3 * hidden + j])
                     cj = gf * c[i, j] + gi * gg  # torch's order of operations
                     c[i, j] = cj
                     keep[j], keep[hidden + j], keep[2 * hidden + j] = gi, gf, gg
                     keep[3 * hidden + j], keep[4 * hidden + j] = go, cj
-                    v = go * _tanh(cj, single)
+                    v = go * _tanh(cj)
                     if projects:
                         m[i, j] = v
                     else:
@@ -109,7 +120,6 @@ def _bwd_task(
     w_hr,
     c0,
     lengths,
-    single,
     d,
     b0,
     stride,
@@ -161,7 +171,7 @@ def _bwd_task(
                     gi, gf, gg = keep[j], keep[hidden + j], keep[2 * hidden + j]
                     go, cj = keep[3 * hidden + j], keep[4 * hidden + j]
                     dm_j = dm[i, j] if projects else g_out[j] + dh[i, j]
-                    tanh_c = _tanh(cj, single)
+                    tanh_c = _tanh(cj)
                     dc_j = dc[i, j] + dm_j * go * (_ONE - tanh_c * tanh_c)
                     di = dc_j * gg * gi * (_ONE - gi)
                     df = dc_j * prev[j] * gf * (_ONE - gf)
@@ -184,7 +194,7 @@ def _bwd_task(
 # The parallel drivers split rows across Numba's threads; the serial ones run one task at a time
 # without entering a parallel region.
 @njit(parallel=True, **_JIT)
-def _lstm_fwd_kernel(proj, w_hh, w_hr, h0, c0, lengths, single, rows_per_task, use_blas, out, h_n, c_n, saved):
+def _lstm_fwd_kernel(proj, w_hh, w_hr, h0, c0, lengths, rows_per_task, use_blas, out, h_n, c_n, saved):
     batch, n_dir = proj.shape[1], proj.shape[2]
     w_hh_t = transposed_for_rows(w_hh, rows_per_task)
     w_hr_t = transposed_for_rows(w_hr, rows_per_task)
@@ -199,7 +209,6 @@ def _lstm_fwd_kernel(proj, w_hh, w_hr, h0, c0, lengths, single, rows_per_task, u
             h0,
             c0,
             lengths,
-            single,
             d,
             b0,
             stride,
@@ -213,13 +222,11 @@ def _lstm_fwd_kernel(proj, w_hh, w_hr, h0, c0, lengths, single, rows_per_task, u
 
 
 @njit(**_JIT)
-def _lstm_fwd_serial_kernel(proj, w_hh, w_hr, h0, c0, lengths, single, use_blas, out, h_n, c_n, saved):
+def _lstm_fwd_serial_kernel(proj, w_hh, w_hr, h0, c0, lengths, use_blas, out, h_n, c_n, saved):
     batch = proj.shape[1]
     w_hh_t, w_hr_t = transposed_for_rows(w_hh, batch), transposed_for_rows(w_hr, batch)
     for d in range(proj.shape[2]):
-        _fwd_task(
-            proj, w_hh, w_hh_t, w_hr, w_hr_t, h0, c0, lengths, single, d, 0, 1, batch, use_blas, out, h_n, c_n, saved
-        )
+        _fwd_task(proj, w_hh, w_hh_t, w_hr, w_hr_t, h0, c0, lengths, d, 0, 1, batch, use_blas, out, h_n, c_n, saved)
 
 
 @njit(parallel=True, **_JIT)
@@ -232,7 +239,6 @@ def _lstm_bwd_kernel(
     w_hr,
     c0,
     lengths,
-    single,
     rows_per_task,
     use_blas,
     grad_proj,
@@ -252,7 +258,6 @@ def _lstm_bwd_kernel(
             w_hr,
             c0,
             lengths,
-            single,
             d,
             b0,
             stride,
@@ -267,7 +272,7 @@ def _lstm_bwd_kernel(
 
 @njit(**_JIT)
 def _lstm_bwd_serial_kernel(
-    grad_out, grad_hn, grad_cn, saved, w_hh, w_hr, c0, lengths, single, use_blas, grad_proj, grad_h0, grad_c0, grad_h
+    grad_out, grad_hn, grad_cn, saved, w_hh, w_hr, c0, lengths, use_blas, grad_proj, grad_h0, grad_c0, grad_h
 ):
     for d in range(grad_out.shape[2]):
         _bwd_task(
@@ -279,7 +284,6 @@ def _lstm_bwd_serial_kernel(
             w_hr,
             c0,
             lengths,
-            single,
             d,
             0,
             1,
@@ -294,19 +298,19 @@ def _lstm_bwd_serial_kernel(
 
 # Whole-layer kernels for small problems (see elman.py): one call for the layer and its GEMMs.
 @njit(**_JIT)
-def _layer_fwd_kernel(x, w_ih, bias, w_hh, w_hr, h0, c0, lengths, single, keep_saved):
+def _layer_fwd_kernel(x, w_ih, bias, w_hh, w_hr, h0, c0, lengths, keep_saved):
     proj = project(x, w_ih, bias)
     seq_len, batch, n_dir = proj.shape[0], proj.shape[1], proj.shape[2]
     hidden = c0.shape[2]
     out = np.empty((seq_len, batch, n_dir, h0.shape[2]), x.dtype)
     h_n, c_n = np.empty_like(h0), np.empty_like(c0)
     saved = np.empty((seq_len if keep_saved else 0, batch, n_dir, SAVED * hidden), x.dtype)
-    _lstm_fwd_serial_kernel(proj, w_hh, w_hr, h0, c0, lengths, single, False, out, h_n, c_n, saved)
+    _lstm_fwd_serial_kernel(proj, w_hh, w_hr, h0, c0, lengths, False, out, h_n, c_n, saved)
     return out, h_n, c_n, saved
 
 
 @njit(**_JIT)
-def _projection_gradient(grad_h, saved, single):
+def _projection_gradient(grad_h, saved):
     """dW_hr[d] = sum over all T*B rows of grad_h_t^T (o_t ⊙ tanh(c_t)), one GEMM per direction
     (rows past a length are zero on both sides)."""
     seq_len, batch, n_dir, width = grad_h.shape
@@ -320,13 +324,13 @@ def _projection_gradient(grad_h, saved, single):
                 row, keep = t * batch + b, saved[t, b, d]
                 g_t[:, row] = grad_h[t, b, d, :]
                 for j in range(hidden):
-                    m[row, j] = keep[3 * hidden + j] * _tanh(keep[4 * hidden + j], single)
+                    m[row, j] = keep[3 * hidden + j] * _tanh(keep[4 * hidden + j])
         hand_matmul(g_t, m, grad_w_hr[d])
     return grad_w_hr
 
 
 @njit(**_JIT)
-def _layer_bwd_kernel(grad_out, grad_hn, grad_cn, x, w_ih, w_hh, w_hr, out, saved, h0, c0, lengths, single, input_grad):
+def _layer_bwd_kernel(grad_out, grad_hn, grad_cn, x, w_ih, w_hh, w_hr, out, saved, h0, c0, lengths, input_grad):
     seq_len, batch, n_dir, width = out.shape
     hidden = c0.shape[2]
     projects = w_hr.shape[0] != 0
@@ -334,10 +338,10 @@ def _layer_bwd_kernel(grad_out, grad_hn, grad_cn, x, w_ih, w_hh, w_hr, out, save
     grad_h0, grad_c0 = np.empty_like(h0), np.empty_like(c0)
     grad_h = np.empty((seq_len if projects else 0, batch, n_dir, width), x.dtype)
     _lstm_bwd_serial_kernel(
-        grad_out, grad_hn, grad_cn, saved, w_hh, w_hr, c0, lengths, single, False, grad_proj, grad_h0, grad_c0, grad_h
+        grad_out, grad_hn, grad_cn, saved, w_hh, w_hr, c0, lengths, False, grad_proj, grad_h0, grad_c0, grad_h
     )
     grads = layer_gradients(grad_proj, grad_proj, False, x, w_ih, out, h0, lengths, input_grad)
-    grad_w_hr = _projection_gradient(grad_h, saved, single) if projects else np.empty((0, 0, 0), x.dtype)
+    grad_w_hr = _projection_gradient(grad_h, saved) if projects else np.empty((0, 0, 0), x.dtype)
     return grad_h0, grad_c0, grads, grad_w_hr
 
 
@@ -361,9 +365,9 @@ def _gates_of(saved):
     return saved[0]
 
 
-def _dims(t, name, letters):
-    if t.dim() != len(letters):
-        raise ValueError(f"{name} must be ({', '.join(letters)}), got shape {tuple(t.shape)}")
+def _dims(t, name, layout):
+    if t.dim() != layout.count(",") + 1:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
     return t.shape
 
 
@@ -381,7 +385,7 @@ def forward(proj, w_hh, b_hh, h0, lengths, mode, keep_saved=True, w_hr=None):
     if b_hh is not None:
         raise ValueError("the LSTM cell takes b_hh folded into proj: pass b_hh=None")
     h0, c0 = _states(h0)
-    seq_len, batch, n_dir, _ = _dims(proj, "proj", "TBDG")
+    seq_len, batch, n_dir, _ = _dims(proj, "proj", "(T, B, D, 4H)")
     hidden = c0.shape[-1]
     width = hidden if w_hr is None else h0.shape[-1]
     named = dict(
@@ -397,7 +401,7 @@ def forward(proj, w_hh, b_hh, h0, lengths, mode, keep_saved=True, w_hr=None):
     out, h_n, c_n = proj.new_empty(seq_len, batch, n_dir, width), torch.empty_like(h0), torch.empty_like(c0)
     saved = proj.new_empty(seq_len if keep_saved else 0, batch, n_dir, SAVED * hidden)
     proj_a, w_hh_a, h0_a, c0_a, lengths_a = rt.arrays(proj, w_hh, h0, c0, lengths)
-    args = (proj_a, w_hh_a, _projection_array(w_hr, proj.dtype), h0_a, c0_a, lengths_a, proj.dtype == torch.float32)
+    args = (proj_a, w_hh_a, _projection_array(w_hr, proj.dtype), h0_a, c0_a, lengths_a)
     rt.launch(
         _lstm_fwd_kernel,
         _lstm_fwd_serial_kernel,
@@ -418,7 +422,7 @@ def backward(grad_out, grad_hn, out, saved, w_hh, h0, lengths, mode, w_hr=None):
     gates = _gates_of(saved)
     grad_h_n, grad_c_n = _grad_states(grad_hn)
     h0, c0 = _states(h0)
-    seq_len, batch, n_dir, _ = _dims(out, "out", "TBDP")
+    seq_len, batch, n_dir, _ = _dims(out, "out", "(T, B, D, P)")
     hidden = c0.shape[-1]
     width = hidden if w_hr is None else h0.shape[-1]
     like_out, states = (seq_len, batch, n_dir, width), (n_dir, batch, width)
@@ -449,7 +453,7 @@ def backward(grad_out, grad_hn, out, saved, w_hh, h0, lengths, mode, w_hr=None):
     rt.launch(
         _lstm_bwd_kernel,
         _lstm_bwd_serial_kernel,
-        (*args, out.dtype == torch.float32),
+        args,
         rt.arrays(grad_proj, grad_h0, grad_c0, grad_h),
         batch,
         n_dir,
@@ -517,10 +521,7 @@ def layer_forward(x, params, h0, lengths, mode, keep_saved=True):
     projects = _check_layer(lengths, x, params, (h0, c0))
     _, w_ih, w_hh, bias, w_hr = _layer_arrays(params, projects, x.dtype)
     x_a, h0_a, c0_a, lengths_a = rt.arrays(x, h0, c0, lengths)
-    single = x.dtype == torch.float32
-    out, h_n, c_n, saved = _layer_fwd_kernel(
-        x_a, w_ih, bias, w_hh, w_hr, h0_a, c0_a, lengths_a, single, bool(keep_saved)
-    )
+    out, h_n, c_n, saved = _layer_fwd_kernel(x_a, w_ih, bias, w_hh, w_hr, h0_a, c0_a, lengths_a, bool(keep_saved))
     states = (torch.from_numpy(h_n), torch.from_numpy(c_n))
     return torch.from_numpy(out), states, (torch.from_numpy(saved),) if keep_saved else ()
 
@@ -549,7 +550,6 @@ def layer_backward(grad_out, grad_hn, x, params, out, saved, h0, lengths, mode, 
         w_hh,
         w_hr,
         *rt.arrays(out, gates, h0, c0, lengths),
-        x.dtype == torch.float32,
         bool(input_grad),
     )
     grad_x, *grad_weights = grads

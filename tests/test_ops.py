@@ -298,28 +298,32 @@ def test_single_fused_layer_node_matches_the_stack_op_exactly(D, biases, layer_k
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
-def test_gru_inference_saves_no_gates_and_computes_the_same(monkeypatch):
-    """Under no_grad the GRU kernels store no gates (4x the output's bytes) and give the very same
-    numbers as a forward that keeps them for backward."""
-    kernels = backends.kernels("numba", "GRU")
+@pytest.mark.parametrize(
+    "cls,kwargs", [(torch.nn.GRU, {}), (torch.nn.LSTM, {"proj_size": 2})], ids=["GRU", "LSTM-proj"]
+)
+def test_gated_cells_save_nothing_for_inference_and_compute_the_same(monkeypatch, cls, kwargs):
+    """Under no_grad the gated cells' kernels store no gates (GRU's 4, LSTM's 5 values per output
+    value) and give the very same numbers as a forward that keeps them for backward."""
+    kernels = backends.kernels("numba", cls.__name__)  # the mode of nn.GRU and nn.LSTM
     kept = []
     for name in ("forward", "layer_forward"):
         original = getattr(kernels, name)
 
-        def recording(*args, original=original):
-            result = original(*args)
+        def recording(*args, original=original, **kw):
+            result = original(*args, **kw)
             kept.append(len(result[2]))
             return result
 
         monkeypatch.setattr(kernels, name, recording)
-    _, fast = twins(3, 5, num_layers=2, bidirectional=True, cls=torch.nn.GRU)
+    _, fast = twins(3, 5, num_layers=2, bidirectional=True, cls=cls, **kwargs)
     x = torch.randn(6, 2, 3, dtype=torch.float64)
     with torch.no_grad():
         inference = fast(x)
     assert kept == [0, 0]
     training = fast(x.requires_grad_())
     assert kept[2:] == [1, 1]
-    assert all(torch.equal(a, b) for a, b in zip(inference, training))
+    assert torch.equal(inference[0], training[0])
+    assert all(torch.equal(a, b) for a, b in zip(states(inference[1]), states(training[1]), strict=True))
 
 
 @pytest.mark.parametrize("cls", [torch.nn.GRU, torch.nn.LSTM], ids=["GRU", "LSTM"])
@@ -337,27 +341,3 @@ def test_gated_cells_save_no_more_than_torch_for_backward(cls, packed, proj_size
         x = pack_padded_sequence(x, torch.tensor([50, 45, 40, 30, 20, 10, 8, 5]), enforce_sorted=False)
     ours, theirs = _saved_bytes(fast, x), _saved_bytes(ref, x)
     assert 0 < ours <= theirs, f"fastrnn saves {ours} B, torch {theirs} B"
-
-
-def test_lstm_inference_saves_no_gates_and_computes_the_same(monkeypatch):
-    """Under no_grad the LSTM kernels store no gates or cell states (5x the output's bytes)."""
-    kernels = backends.kernels("numba", "LSTM")
-    kept = []
-    for name in ("forward", "layer_forward"):
-        original = getattr(kernels, name)
-
-        def recording(*args, original=original, **kwargs):
-            result = original(*args, **kwargs)
-            kept.append(len(result[2]))
-            return result
-
-        monkeypatch.setattr(kernels, name, recording)
-    _, fast = twins(3, 5, num_layers=2, bidirectional=True, proj_size=2, cls=torch.nn.LSTM)
-    x = torch.randn(6, 2, 3, dtype=torch.float64)
-    with torch.no_grad():
-        inference = fast(x)
-    assert kept == [0, 0]
-    training = fast(x.requires_grad_())
-    assert kept[2:] == [1, 1]
-    assert torch.equal(inference[0], training[0])
-    assert all(torch.equal(a, b) for a, b in zip(states(inference[1]), states(training[1]), strict=True))

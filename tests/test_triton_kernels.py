@@ -447,3 +447,106 @@ def test_rejects_bad_inputs(mode):
         rec.forward(proj, w_hh, None, h0, lengths, mode, w_hr=w_hh[:, :3].contiguous())
     with pytest.raises(ValueError):
         rec.backward(grad_out, (grad_hn[0], grad_hn[1][..., :4].contiguous()), out, saved, w_hh, h0, lengths, mode)
+
+
+# The split across SMs (W_hh's rows cut into column slices, one program each, see recurrence.py):
+# under the interpreter the per-step twin with k > 1 and the persistent kernel with k = 1 (its
+# grid barrier runs, with one program per counter); on a GPU both with k > 1.
+SPLIT_SHAPE = (4, 3, 2, 37) if not CUDA else (30, 37, 2, 200)
+SPLIT_SLICE = 16 if not CUDA else 32
+# The persistent kernel's slice: all of H in one program under the interpreter.
+PERSISTENT_SLICE = None if not CUDA else SPLIT_SLICE
+
+
+def split_layer(monkeypatch, mode, split, proj_size=None, tiles=16, slice_=SPLIT_SLICE):
+    """Forward and backward outputs of the tiled kernels at SPLIT_SHAPE under ``split``, flat, with
+    the Split the launch used."""
+    monkeypatch.setattr(rec, "SPLIT", split)
+    monkeypatch.setattr(rec, "SPLIT_SLICE", slice_)
+    monkeypatch.setattr(rec, "TILE_N", tiles)
+    monkeypatch.setattr(rec, "TILE_K", tiles)
+    monkeypatch.setitem(rec.ONCHIP_MAX_H, mode, 0)
+    T, B, D, H = SPLIT_SHAPE
+    inputs = make_inputs(mode, T, B, D, H, lengths_for(T, B), proj_size=proj_size)
+    proj, w_hh, b_hh, h0, grad_out, grad_hn, lengths, w_hr = inputs
+    extra = dict(w_hr=w_hr) if mode == "LSTM" else {}
+    plan = rec._launch_config(B, D, H, torch.float32, torch.device(DEVICE), mode, None, proj_size, w_hr is not None)
+    out, h_n, saved = rec.forward(proj, w_hh, b_hh, h0, lengths, mode, **extra)
+    grads = rec.backward(grad_out, grad_hn, out, saved, w_hh, h0, lengths, mode, **extra)
+    flat = [out, *saved, *(h_n if mode == "LSTM" else (h_n,))]
+    for g in grads:
+        flat.extend(g if isinstance(g, tuple) else (g,))
+    return flat, plan[3]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_split_per_step_matches_reference(mode, monkeypatch):
+    _, split = split_layer(monkeypatch, mode, "per_step")
+    assert split.k > 1 and split.per_step and not split.grid_sync
+    check_against_reference(mode, *SPLIT_SHAPE, ATOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_split_persistent_matches_reference(mode, monkeypatch):
+    _, split = split_layer(monkeypatch, mode, "persistent", slice_=PERSISTENT_SLICE)
+    assert split.grid_sync and not split.per_step and split.k == (1 if not CUDA else 7)
+    check_against_reference(mode, *SPLIT_SHAPE, ATOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_split_variants_agree_bitwise(mode, monkeypatch):
+    # One program, the per-step twin and the persistent kernel run the same step code on the
+    # same tiles: every output, saved gate and gradient is equal, not just close.
+    want, _ = split_layer(monkeypatch, mode, "off")
+    for split, slice_ in (("per_step", SPLIT_SLICE), ("persistent", PERSISTENT_SLICE)):
+        got, _ = split_layer(monkeypatch, mode, split, slice_=slice_)
+        assert len(got) == len(want)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert torch.equal(g, w), f"{split}: output {i} differs from one program's"
+
+
+def test_split_lstm_projection_runs_as_one_program(monkeypatch):
+    # W_hr needs a second exchange per step (m_t before its product), which the split lacks.
+    _, split = split_layer(monkeypatch, "LSTM", "per_step", proj_size=5)
+    assert split.k == 1 and not split.per_step
+    check_against_reference("LSTM", *SPLIT_SHAPE, ATOL, proj_size=5)
+
+
+def test_split_plan(monkeypatch):
+    # A 132-SM GPU (H100/H200): as many programs as fill the SMs, never more, in 16-column slices.
+    monkeypatch.setattr(rec, "sm_count", lambda device: 132)
+    monkeypatch.setattr(rec, "_cooperative_launch", lambda device: True)
+    cuda = torch.device("cuda")
+
+    def plan(B, D, H, mode="RNN_TANH", P=None, project=False):
+        return rec._launch_config(B, D, H, torch.float32, cuda, mode, None, P, project)
+
+    onchip, grid, meta, split = plan(16, 1, 1024)
+    assert not onchip and (split.k, split.slice) == (64, 16) and grid == (1, 1, 64)
+    assert split.grid_sync and not split.per_step and meta["GRID_SYNC"] and meta["launch_cooperative_grid"]
+    _, grid, _, split = plan(64, 2, 1024, "LSTM")  # 8 (direction, batch block) pairs
+    assert (split.k, split.slice) == (16, 64) and grid == (2, 4, 16) and 2 * 4 * 16 <= 132
+    _, _, meta, split = plan(1, 1, 256, "LSTM", 64, True)
+    assert split.k == 1 and not meta["GRID_SYNC"]
+    # 19 batch blocks leave 6 SMs each: 34 columns, rounded up to 48, make 5 slices (95 programs).
+    assert plan(300, 1, 200)[3][:2] == (5, 48)
+    monkeypatch.setattr(rec, "_cooperative_launch", lambda device: False)
+    split = plan(16, 1, 1024)[3]
+    assert split.per_step and not split.grid_sync and split.k == 64
+    monkeypatch.setattr(rec, "SPLIT", "off")
+    assert plan(16, 1, 1024)[3].k == 1
+    monkeypatch.setattr(rec, "SPLIT", "persistent")
+    monkeypatch.setattr(rec, "SPLIT_SLICE", 16)
+    with pytest.raises(ValueError, match="SMs"):  # 128 programs per direction, 256 > 132 SMs
+        plan(16, 2, 2048)
+    monkeypatch.setattr(rec, "SPLIT", "sideways")
+    with pytest.raises(ValueError, match="SPLIT"):
+        plan(16, 1, 1024)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's limit")
+def test_split_persistent_refuses_what_would_deadlock(monkeypatch):
+    # The interpreter runs programs one after another: a grid barrier across k > 1 programs would
+    # spin forever, so the launcher refuses it instead.
+    with pytest.raises(ValueError, match="SMs"):
+        split_layer(monkeypatch, "RNN_TANH", "persistent", slice_=16)

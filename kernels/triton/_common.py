@@ -74,17 +74,29 @@ def _zero_tail(
 
 @triton.jit
 def _zero_tail_tiled(
-    ptr, seq, n_steps, T, stride_t, H, row_ok, GATES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr
+    ptr,
+    seq,
+    n_steps,
+    T,
+    stride_t,
+    H,
+    row_ok,
+    GATES: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    lo,
+    hi,
 ):
-    # _zero_tail for rows of any width: seq (BLOCK_B,) row offsets, GATES * H columns in N tiles.
+    # _zero_tail for rows of any width: seq (BLOCK_B,) row offsets, columns [lo, hi) of each of the
+    # GATES H-wide blocks in N tiles (hi <= H).
     rn = tl.arange(0, BLOCK_N)
     dst_rows = ptr + n_steps.to(tl.int64) * stride_t + seq
     zero = tl.zeros((BLOCK_B, BLOCK_N), dtype=ptr.dtype.element_ty)
     for _ in range(n_steps, T):
         for g in tl.static_range(GATES):
-            for n0 in range(0, H, BLOCK_N):
+            for n0 in range(lo, hi, BLOCK_N):
                 cn = n0 + rn
-                tl.store(dst_rows[:, None] + g * H + cn[None, :], zero, mask=row_ok[:, None] & (cn < H)[None, :])
+                tl.store(dst_rows[:, None] + g * H + cn[None, :], zero, mask=row_ok[:, None] & (cn < hi)[None, :])
         dst_rows += stride_t
 
 

@@ -85,10 +85,13 @@ SPLIT = "auto"
 # it to split tiny layers.
 SPLIT_SLICE = None
 SPLIT_MODES = ("auto", "persistent", "per_step", "off")
-# N tile and warps of a split launch: narrow slices spread W_hh over more SMs. Not tuned yet (no
-# GPU report with the split kernels); a lent GPU's `make gpu-check` times them.
+# Tiles and warps of a split launch: narrow slices spread W_hh over more SMs. From ptxas on sm_90
+# (Triton 3.9, H = 1024, B = 16): N 16 with 8 warps, K 32 for Elman and 16 for GRU and the LSTM
+# spill nothing but 16 bytes of GRU's float32 kernels (4 warps: 150-255 registers and spills).
+# Not timed yet: a lent GPU's `make gpu-check` times them against cuDNN.
 SPLIT_TILE_N = 16
-SPLIT_WARPS = 4
+SPLIT_TILE_K = {1: 32, 3: 16, 4: 16}
+SPLIT_WARPS = 8
 
 
 class Split(NamedTuple):
@@ -203,7 +206,7 @@ def _launch_config(B, D, H, dtype, device, mode, allow_tf32=None, width=None, pr
         return True, grid, dict(meta, BLOCK_P=block_p), None
     split = _split_plan(B, D, H, width, block_b, TILE_N or SPLIT_TILE_N, device, project)
     if split.k > 1:
-        meta.update(BLOCK_N=TILE_N or SPLIT_TILE_N, num_warps=SPLIT_WARPS)
+        meta.update(BLOCK_N=TILE_N or SPLIT_TILE_N, BLOCK_K=TILE_K or SPLIT_TILE_K[GATES[mode]], num_warps=SPLIT_WARPS)
     meta["GRID_SYNC"] = split.grid_sync
     if split.grid_sync and device.type == "cuda":
         meta["launch_cooperative_grid"] = True  # the driver refuses a grid that cannot be co-resident

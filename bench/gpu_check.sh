@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One pass over a lent GPU machine (no network): offline install, CUDA tests, GPU benchmark,
-# profile, a short timing of the Triton kernels alone and one ncu pass over them.
+# One pass over a lent GPU machine (no network): offline install, the split kernels' bit-for-bit
+# check, CUDA tests, the Triton kernels' timing against cuDNN (the split us/step table included),
+# one ncu pass over them, the GPU benchmark and a profile.
 # The Python it runs is in fastrnn/bench/gpu_check.py (python -m fastrnn.bench.gpu_check --help).
 # Every step has its own timeout inside a total budget, a failed step does not stop the next,
 # and what comes back from $OUT is kept to a few files (at most 8, at most 2 folders deep).
@@ -59,29 +60,42 @@ if ! "$PY" -m fastrnn.bench.gpu_check installed >"$TMP/installed.txt" 2>&1; then
 fi
 tail -n 1 "$TMP/installed.txt" | sed 's/^/      /' >>"$SUMMARY"
 
-step "pytest (CUDA)" 150 "$OUT/pytest.log" \
+# The split kernels first: the persistent one spins on a grid barrier, so a hang is cut short here
+# and everything after runs their per-step twin instead.
+step "split check (persistent == per-step == one program)" 60 "$TMP/split_check.log" \
+    "$PY" -m fastrnn.bench.gpu_check split-check
+sed 's/^/      /' "$TMP/split_check.log" >>"$SUMMARY"
+if ! grep -q "^OK    split check" "$SUMMARY"; then
+    export FASTRNN_TRITON_SPLIT=per_step
+    note "WARN  the persistent split failed or hung: the steps below run FASTRNN_TRITON_SPLIT=per_step"
+fi
+
+step "pytest (CUDA)" 180 "$OUT/pytest.log" \
     "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests
 grep -E "passed|failed|error" "$OUT/pytest.log" 2>/dev/null | tail -n 1 | sed 's/^/      /' >>"$SUMMARY"
 
-# The report is rewritten after every case, so a run cut short still leaves a partial report.
-step "fastrnn.bench (GPU)" 200 "$OUT/bench.log" \
-    "$PY" -m fastrnn.bench --device cuda --dtype float32,bfloat16 --no-keras --out "$OUT/gpu-bench"
+# The Triton kernels alone against cuDNN (registers and spills at the end), then the split
+# kernels' us/step table (issue 17's grid; it stops itself at its own budget).
+step "triton kernel timing" 180 "$OUT/kernel_timing.txt" bash -c \
+    "'$PY' -m fastrnn.bench.gpu_check kernel-timing && '$PY' -m fastrnn.bench.gpu_check split-timing"
 
-step "fastrnn.profile (GPU)" 45 "$OUT/profile.log" \
-    "$PY" -m fastrnn.profile --device cuda --out "$OUT/profile"
-
-# The Triton kernels alone against cuDNN's nn.RNN, then their registers and spills.
-step "triton kernel timing" 60 "$OUT/kernel_timing.txt" "$PY" -m fastrnn.bench.gpu_check kernel-timing
-
-# fwd + bwd launches under ncu: on-chip fp32 (reduce), on-chip bf16 (tl.dot), tiled bf16 (H = 1000).
+# fwd + bwd launches under ncu: on-chip fp32 (reduce), on-chip bf16 (tl.dot), tiled bf16 (H = 1000),
+# split persistent fp32 and bf16 (H = 1024, B = 16).
 if command -v ncu >/dev/null 2>&1; then
     step "ncu (_recurrence kernels)" 90 "$OUT/ncu.txt" \
-        ncu --target-processes all -k regex:_recurrence --launch-count 6 \
+        ncu --target-processes all -k regex:_recurrence --launch-count 10 \
         --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
         "$PY" -m fastrnn.bench.gpu_check ncu-launches
 else
     note "SKIP  ncu (not on PATH)"
 fi
+
+# The report is rewritten after every case, so a run cut short still leaves a partial report.
+step "fastrnn.bench (GPU)" 120 "$OUT/bench.log" \
+    "$PY" -m fastrnn.bench --device cuda --dtype float32,bfloat16 --no-keras --out "$OUT/gpu-bench"
+
+step "fastrnn.profile (GPU)" 45 "$OUT/profile.log" \
+    "$PY" -m fastrnn.profile --device cuda --out "$OUT/profile"
 
 # Folders and any other files go into one archive: 7 known files + artifacts.tar.gz <= 8 come back.
 cp "$TMP/install.log" "$OUT/" 2>/dev/null

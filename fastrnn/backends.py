@@ -82,7 +82,24 @@ BROKEN = {}
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def torch_only_mode(tensors: Iterable[Tensor | None] = ()) -> str | None:
+def autocast_dtype(backend: str | None, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype the Triton kernels run in under autocast, or None where torch runs the call.
+
+    Under ``torch.autocast`` of the tensors' device with ``backend="triton"`` and a float16 or
+    bfloat16 autocast dtype, the caller casts input, states and weights (float32, float16 or
+    bfloat16 ones; float64 stays, as autocast leaves it) to that dtype and runs the half-precision
+    kernels, which return it. torch's cuDNN RNN casts to float16 under any CUDA autocast, bfloat16
+    included; fastrnn gives the dtype asked for. Every other autocast call runs torch's own RNN.
+    """
+    if not torch._C._is_any_autocast_enabled() or dtype == torch.float64 or not dtype.is_floating_point:
+        return None
+    if (backend or os.environ.get(ENV_VAR)) != "triton" or not torch.is_autocast_enabled(device.type):
+        return None
+    cast = torch.get_autocast_dtype(device.type)
+    return cast if cast in (torch.float16, torch.bfloat16) else None
+
+
+def torch_only_mode(tensors: Iterable[Tensor | None] = (), *, cast_for_autocast: bool = False) -> str | None:
     """Why the fused kernels cannot serve this call, or None where they can.
 
     The kernels run on raw memory, outside torch's dispatcher, so every mode that records,
@@ -91,8 +108,9 @@ def torch_only_mode(tensors: Iterable[Tensor | None] = ()) -> str | None:
     autocast, ``torch.func`` transforms (grad, vmap, jvp), forward-mode AD, and tensor subclasses
     (``ExpandedWeights``, ``DTensor``, ...). ``torch.compile`` is none of these: it traces the
     custom ops, which stand for the kernels. Cheap: a handful of flag reads and type checks.
+    ``cast_for_autocast``: the caller has cast the tensors for autocast (:func:`autocast_dtype`).
     """
-    if torch._C._is_any_autocast_enabled():  # torch's RNN casts its weights and inputs itself
+    if torch._C._is_any_autocast_enabled() and not cast_for_autocast:  # torch's RNN casts for itself
         return "autocast"
     if torch.compiler.is_compiling():
         return "exporting" if _is_exporting() else None
@@ -133,7 +151,12 @@ def _is_functorch_wrapped(t):
 
 
 def resolve(
-    backend: str | None, device: torch.device, dtype: torch.dtype, tensors: Iterable[Tensor | None] = ()
+    backend: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    tensors: Iterable[Tensor | None] = (),
+    *,
+    cast_for_autocast: bool = False,
 ) -> str:
     """The backend that will run tensors of this device and dtype.
 
@@ -143,7 +166,7 @@ def resolve(
     that failed here before (see :func:`mark_broken`).
     """
     name = requested(backend)
-    if torch_only_mode(tensors) is not None:
+    if torch_only_mode(tensors, cast_for_autocast=cast_for_autocast) is not None:
         return "torch"
     if name == "auto":
         name = _AUTO.get(device.type, "torch")

@@ -160,10 +160,14 @@ def _one_layer(mode, x, hx, w_ih, w_hh, biases, lengths, batch_first, backend, w
             valid_rows = valid_rows_of(lengths, seq_len)
     projection = () if w_hr is None else (w_hr,)
     tensors = (*states, w_ih, w_hh, *biases, *projection)
-    backend = backends.resolve(backend, x.device, x.dtype, (x, *tensors))
     names = (*("h0", "c0")[: len(states)], "w_ih", "w_hh", *("bias",) * len(biases), *("w_hr",) * len(projection))
     _check_like(x, tensors, lambda i: names[i])
-    per_dir = (w_ih, w_hh, *biases, *projection)
+    cast = backends.autocast_dtype(backend, x.device, x.dtype)
+    if cast is not None:  # see fastrnn.nn: autograd carries the gradients back through the casts
+        x, tensors = x.to(cast), tuple(t.to(cast) for t in tensors)
+        states = list(tensors[: len(states)])
+    backend = backends.resolve(backend, x.device, x.dtype, (x, *tensors), cast_for_autocast=cast is not None)
+    per_dir = tensors[len(states) :]
     weights = [w[d] for d in range(n_dir) for w in per_dir]
     hx = tuple(states) if cell.states > 1 else states[0]
     if backend == "torch":

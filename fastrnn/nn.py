@@ -39,13 +39,26 @@ class _Fused(nn.RNNBase):
         data = input.data if packed else input
         weights = self._current_weights()
         states = () if hx is None else _states(hx)
-        backend = backends.resolve(getattr(self, "backend", None), data.device, data.dtype, (data, *states, *weights))
+        given = input, hx  # what torch's own call gets, should it run this one
+        cast = backends.autocast_dtype(getattr(self, "backend", None), data.device, data.dtype)
+        if cast is not None:  # autograd carries the gradients back through the casts
+            input, weights = input.to(cast), [w.to(cast) for w in weights]
+            states = [s.to(cast) if isinstance(s, Tensor) else s for s in states]
+            hx = None if hx is None else _in_form(hx, states)
+            data = input.data if packed else input
+        backend = backends.resolve(
+            getattr(self, "backend", None),
+            data.device,
+            data.dtype,
+            (data, *states, *weights),
+            cast_for_autocast=cast is not None,
+        )
         # States of another dtype or device than the input: torch's call decides (nn.RNN and GRU
         # raise; nn.LSTM accepts some, and converts them).
         if backend == "torch" or any(
             isinstance(s, Tensor) and (s.dtype != data.dtype or s.device != data.device) for s in states
         ):
-            return super().forward(input, hx)
+            return super().forward(*given)
         n_dir = 2 if self.bidirectional else 1
         if packed:
             # The fused op takes the packed rows as they are: no padded copy of the input.

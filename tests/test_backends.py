@@ -1,11 +1,13 @@
 """Backend choice: argument > FASTRNN_BACKEND > auto, in one place."""
 
+import copy
+
 import pytest
 import torch
 
 import fastrnn
 from fastrnn import backends
-from helpers import compare, twins
+from helpers import compare, states, twins
 
 
 def test_available_backends_lists_numba_and_torch():
@@ -71,3 +73,34 @@ def test_triton_backend_end_to_end_through_the_module(packed):
     x = torch.nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
     (o1, h1), (o2, h2) = ref(x), fast(x)
     assert torch.allclose(o1.data, o2.data, atol=1e-5) and torch.allclose(h1, h2, atol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in fastrnn.available_backends(), reason="triton not installed")
+@pytest.mark.parametrize("cls", [fastrnn.RNN, fastrnn.GRU, fastrnn.LSTM], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_backend_runs_half_precision_under_autocast(cls, dtype):
+    """Under autocast the Triton backend casts input, states and weights to the autocast dtype and
+    runs its half-precision kernels: what a module cast to that dtype computes, bit for bit, with
+    float32 gradients for the float32 parameters and input."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    fast = cls(4, 6, bidirectional=True, backend="triton").to(device)
+    half = copy.deepcopy(fast).to(dtype)
+    x = torch.randn(5, 3, 4, device=device, requires_grad=True)
+    x_half = x.detach().to(dtype).requires_grad_()
+    with torch.autocast(device, dtype=dtype):
+        out, h_n = fast(x)
+    want_out, want_h = half(x_half)
+    assert out.dtype == dtype and torch.equal(out, want_out)
+    for got, want in zip(states(h_n), states(want_h), strict=True):
+        assert got.dtype == dtype and torch.equal(got, want)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want_out.backward(grad)
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, x_half.grad.float())
+    for (name, p), p_half in zip(fast.named_parameters(), half.parameters(), strict=True):
+        assert p.grad.dtype == torch.float32 and torch.equal(p.grad, p_half.grad.float()), name
+    # and close to torch's float32 module
+    ref = getattr(torch.nn, cls.__name__)(4, 6, bidirectional=True).to(device)
+    ref.load_state_dict(fast.state_dict())
+    torch.testing.assert_close(out.float(), ref(x)[0], atol=5e-2, rtol=5e-2)

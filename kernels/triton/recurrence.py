@@ -44,6 +44,7 @@ storage dtype: for float16/bfloat16 the state is rounded to the dtype it is stor
 ``torch.nn.RNN`` does. float32 matmuls are IEEE unless ``allow_tf32`` (or ``ALLOW_TF32``) opts in.
 """
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -79,8 +80,9 @@ TILE_K = None
 ALLOW_TF32 = False
 # How the tiled kernels split across SMs: "auto" (persistent where a cooperative launch is
 # available and the grid fits the SMs, else per step; one program where the SMs hold no more),
-# "persistent", "per_step" or "off" (one program per direction and batch block).
-SPLIT = "auto"
+# "persistent", "per_step" or "off" (one program per direction and batch block). Read at import
+# from FASTRNN_TRITON_SPLIT.
+SPLIT = os.environ.get("FASTRNN_TRITON_SPLIT", "auto")
 # Columns per program when split (rounded up to BLOCK_N); None: as few as fill the SMs. Tests set
 # it to split tiny layers.
 SPLIT_SLICE = None

@@ -47,8 +47,9 @@ from .convert import FUSED
 LABEL = "fastrnn"
 # The cells --cell takes: torch's class names (nn.RNN, nn.GRU, nn.LSTM), whose fused twins fastrnn.convert.FUSED maps.
 CELL_CLASSES = {cls.__name__: cls for cls in dict.fromkeys(cell.torch_class for cell in CELLS.values())}
-# Nsight Compute's kernel filter: the persistent Triton kernels of kernels/triton/recurrence.py
-# (_recurrence_fwd_kernel, _recurrence_bwd_kernel and their _tiled variants), one set for every cell.
+# Nsight Compute's kernel filter: the Triton kernels of kernels/triton/onchip.py and tiled.py
+# (_recurrence_fwd_kernel, _recurrence_bwd_kernel and their _tiled variants, which the split across
+# SMs runs too), one set for every cell.
 NCU_KERNELS = "regex:_recurrence"
 
 

@@ -117,8 +117,12 @@ def test_cli_profiles_the_lstm_with_its_projection(tmp_path, capsys):
 
 def _triton_kernel_names():
     # find_spec locates the package (kernels/ in a checkout) without importing it, or Triton.
-    source = pathlib.Path(importlib.util.find_spec("fastrnn.kernels").origin).parent / "triton" / "recurrence.py"
-    return re.findall(r"@triton\.jit\s*\ndef (\w+)\(", source.read_text())
+    folder = pathlib.Path(importlib.util.find_spec("fastrnn.kernels").origin).parent / "triton"
+    return [
+        name
+        for module in ("onchip.py", "tiled.py")
+        for name in re.findall(r"@triton\.jit\s*\ndef (\w+)\(", (folder / module).read_text())
+    ]
 
 
 def test_ncu_command_names_the_kernels():
@@ -128,11 +132,11 @@ def test_ncu_command_names_the_kernels():
     assert "--nvtx" not in cmd and "--steps 5" not in cmd
     # --cell travels into the profiled command.
     assert "--cell GRU" in fprofile._ncu_command(["--device", "cuda", "--cell", "GRU"], "out")
-    # The regex picks every persistent kernel of kernels/triton/recurrence.py (forward, backward,
-    # on-chip and tiled, all cells), read from the source so that no GPU or Triton is needed.
+    # The regex picks every kernel of kernels/triton/onchip.py and tiled.py (forward, backward,
+    # on-chip, tiled and split, all cells), read from the source so that no GPU or Triton is needed.
     kernels = _triton_kernel_names()
     pattern = fprofile.NCU_KERNELS.removeprefix("regex:")
-    assert {"_recurrence_fwd_kernel", "_recurrence_bwd_kernel"} <= set(kernels)
+    assert {"_recurrence_fwd_kernel", "_recurrence_bwd_kernel", "_recurrence_fwd_tiled_kernel"} <= set(kernels)
     assert all(re.search(pattern, name) for name in kernels if name.endswith("_kernel"))
 
 

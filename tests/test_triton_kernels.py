@@ -539,6 +539,12 @@ def test_split_plan(monkeypatch):
     monkeypatch.setattr(rec, "SPLIT_SLICE", 16)
     with pytest.raises(ValueError, match="SMs"):  # 128 programs per direction, 256 > 132 SMs
         plan(16, 2, 2048)
+    monkeypatch.setattr(rec, "SPLIT_SLICE", None)  # 256 batch blocks fill the SMs: k = 1, no barrier needed
+    _, grid, meta, split = plan(4096, 2, 1024, "GRU")
+    assert split.k == 1 and "launch_cooperative_grid" not in meta and split.grid_sync == rec.INTERPRET
+    monkeypatch.setattr(rec, "SPLIT_SLICE", 0)
+    with pytest.raises(ValueError, match="SPLIT_SLICE"):
+        plan(16, 1, 1024)
     monkeypatch.setattr(rec, "SPLIT", "sideways")
     with pytest.raises(ValueError, match="SPLIT"):
         plan(16, 1, 1024)

@@ -106,7 +106,9 @@ _SM_COUNT = {}
 
 
 def sm_count(device):
-    if device.type != "cuda":
+    # The interpreter runs one program at a time, even on CUDA tensors: one SM, as far as a
+    # grid barrier can tell.
+    if device.type != "cuda" or INTERPRET:
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:

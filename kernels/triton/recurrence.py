@@ -18,14 +18,17 @@ mode string): Triton compiles one kernel per cell and drops the other cells' bra
 
   Split across SMs: the same tiled kernels with W_hh's rows (per gate) cut into column slices of
   SLICE, one program each (program_id 2), so k programs share a (direction, batch block) and each
-  streams only its slice of W_hh per step (k times less than one program streaming all of it, and
-  small enough to stay in its SM's L1). Every step reads the whole previous state and writes only
-  its columns, so the programs meet once per step. ``SPLIT`` picks how: "persistent" is one
-  cooperative launch walking every step with a grid barrier (``tiled._step_sync``); "per_step" is
+  streams only its slice of W_hh per step from L2: k SMs share the traffic one program would carry
+  alone. (The slice does not stay in L1 across steps: the barrier's acquire invalidates L1.
+  Holding it in registers or shared memory is the next step, once a GPU can time it.) Every step
+  reads the whole previous state and writes only its columns, so the programs meet once per step.
+  ``SPLIT`` picks how: "persistent" is one cooperative launch walking every step with a grid
+  barrier (``tiled._step_sync``); "per_step" is
   its twin, one launch per step (the launch boundary is the barrier), which is also what the
   interpreter can run with k > 1 (it runs programs one after another, so a spin barrier across
   programs would never return there). Both run the same step code on the same tiles, so their
-  results agree bit for bit, with each other and with one program (k = 1). An LSTM with W_hr needs
+  results agree bit for bit, with each other and with one program on the same tiles (one
+  program's default tiles are wider, which changes the order of the sums). An LSTM with W_hr needs
   a second exchange per step (m_t before h_t = m_t @ W_hr^T) and runs as one program.
 
 The LSTM's gates (i, f, g, o) are four N blocks of the one product h_{t-1} @ W_hh[d]^T (one h tile
@@ -121,23 +124,26 @@ def _split_plan(B, D, H, P, block_b, block_n, device, project):
     """The column split of a tiled launch (see the module docstring and ``SPLIT``)."""
     if SPLIT not in SPLIT_MODES:
         raise ValueError(f"fastrnn triton: SPLIT must be one of {SPLIT_MODES}, got {SPLIT!r}")
+    if SPLIT_SLICE is not None and SPLIT_SLICE < 1:
+        raise ValueError(f"fastrnn triton: SPLIT_SLICE must be a positive number of columns, got {SPLIT_SLICE}")
     blocks = D * triton.cdiv(B, block_b)
     if project or SPLIT == "off":
-        return Split(1, max(H, P), False, SPLIT == "persistent" and not project)
+        return Split(1, max(H, P), False, False)
     if SPLIT_SLICE is not None:
         width = SPLIT_SLICE
     else:
         width = triton.cdiv(H, max(1, sm_count(device) // blocks))
     width = triton.cdiv(width, block_n) * block_n
     k = triton.cdiv(H, width)
-    fits = blocks * k <= sm_count(device) or k == 1
+    fits = blocks * k <= sm_count(device)
     if SPLIT == "persistent":
-        if not fits:
+        if k > 1 and not fits:
             raise ValueError(
                 f"fastrnn triton: a persistent split of {blocks * k} programs needs that many SMs "
                 f"(have {sm_count(device)}); use SPLIT = 'per_step' or a wider SPLIT_SLICE"
             )
-        return Split(k, width, False, True)
+        # One program per counter needs no barrier; the interpreter runs it anyway (its test).
+        return Split(k, width, False, k > 1 or INTERPRET)
     if SPLIT == "per_step":
         return Split(k, width, True, False)
     if k == 1:
@@ -210,7 +216,7 @@ def _launch_config(B, D, H, dtype, device, mode, allow_tf32=None, width=None, pr
     if split.k > 1:
         meta.update(BLOCK_N=TILE_N or SPLIT_TILE_N, BLOCK_K=TILE_K or SPLIT_TILE_K[GATES[mode]], num_warps=SPLIT_WARPS)
     meta["GRID_SYNC"] = split.grid_sync
-    if split.grid_sync and device.type == "cuda":
+    if split.grid_sync and split.k > 1 and device.type == "cuda":
         meta["launch_cooperative_grid"] = True  # the driver refuses a grid that cannot be co-resident
     return False, (*grid, split.k), meta, split
 

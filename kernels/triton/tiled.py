@@ -18,8 +18,11 @@ def _step_sync(sync_ptr, steps_done, GRID_SYNC: tl.constexpr):
     launch). With it, the programs that split one (direction, batch block) into column slices
     (program_id 2) meet at a grid barrier: a counter per (direction, batch block) that only grows,
     so step s waits for (s + 1) arrivals of each program and nothing is ever reset. The release
-    add publishes this CTA's stores (ordered before it by the CTA barrier), the acquire reads
-    order the next step's loads after the others' stores; those loads bypass L1 (.cg). The
+    add (one thread: the atomic is scalar) publishes this CTA's stores, ordered before it by the
+    CTA barrier. The poll is relaxed; the one acquire after it orders the next step's loads after
+    the others' stores and invalidates this SM's L1 (ptxas: CCTL.IVALL), which is what keeps those
+    loads fresh (Triton's pipeliner turns some .cg loads into L1-cached cp.async). It must stay an
+    acquire: the GRU's state buffers are re-read at the same addresses every other step. The
     launcher guarantees co-residency (a cooperative launch, grid at most the SM count).
     """
     tl.debug_barrier()
@@ -27,12 +30,15 @@ def _step_sync(sync_ptr, steps_done, GRID_SYNC: tl.constexpr):
         counter = sync_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         target = steps_done.to(tl.int64) * tl.num_programs(2)
         tl.atomic_add(counter, 1, sem="release", scope="gpu")
-        while tl.atomic_add(counter, 0, sem="acquire", scope="gpu") < target:
+        while tl.atomic_add(counter, 0, sem="relaxed", scope="gpu") < target:
             pass
+        tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
         tl.debug_barrier()
 
 
-@triton.jit
+# s_begin and s_end unspecialised: the per-step twin passes every step index, and Triton would
+# otherwise compile a variant for 1 and for multiples of 16.
+@triton.jit(do_not_specialize=["s_begin", "s_end"])
 def _recurrence_fwd_tiled_kernel(
     proj_ptr,
     w_ptr,
@@ -115,7 +121,7 @@ def _recurrence_fwd_tiled_kernel(
                 a_n = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32) + b_n
                 for k0 in range(0, H, BLOCK_K):
                     ck = k0 + rk
-                    # .cg: bypass L1, the state was written by other threads of this CTA.
+                    # .cg: from L2; a split's other programs wrote part of it (see _step_sync).
                     hp = tl.load(
                         prev_rows[:, None] + ck[None, :],
                         mask=active[:, None] & (ck < H)[None, :],
@@ -178,7 +184,7 @@ def _recurrence_fwd_tiled_kernel(
                 # The four gates' N tiles of one product h_{t-1} @ W_hh[d]^T, sharing each h tile.
                 for k0 in range(0, P, BLOCK_K):
                     ck = k0 + rk
-                    # .cg: bypass L1, the state was written by other threads of this CTA.
+                    # .cg: from L2; a split's other programs wrote part of it (see _step_sync).
                     hp = tl.load(
                         prev_rows[:, None] + ck[None, :],
                         mask=active[:, None] & (ck < P)[None, :],
@@ -249,7 +255,7 @@ def _recurrence_fwd_tiled_kernel(
                 acc = tl.load(src_rows[:, None] + cn[None, :], mask=m_n, other=0.0).to(tl.float32)
                 for k0 in range(0, H, BLOCK_K):
                     ck = k0 + rk
-                    # .cg: bypass L1, the state was written by other threads of this CTA.
+                    # .cg: from L2; a split's other programs wrote part of it (see _step_sync).
                     hp = tl.load(
                         prev_rows[:, None] + ck[None, :],
                         mask=active[:, None] & (ck < H)[None, :],
@@ -331,7 +337,7 @@ def _lstm_bwd_tile(
     tl.store(dc_cur[:, None] + cn[None, :], dc_prev, mask=m_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_begin", "s_end"])
 def _recurrence_bwd_tiled_kernel(
     gout_ptr,
     ghn_ptr,

@@ -230,7 +230,8 @@ def _forward_backward_kernels(R, mode, proj, w_hh, b_hh, states, lengths):
 def split_check() -> int:
     """The split kernels on the GPU, before anything else runs them: for each of
     :data:`SPLIT_CHECK_CASES` and dtype, the persistent kernel (one launch, a grid barrier per
-    step), its per-step twin and one program per batch block must agree bit for bit. Exit 1 on a
+    step), its per-step twin and one program per batch block on the same tiles must agree bit for
+    bit. Exit 1 on a
     mismatch; a hang is the caller's timeout (gpu_check.sh then runs the rest per step)."""
     R = _recurrence()
     failed = 0
@@ -238,6 +239,8 @@ def split_check() -> int:
         for dtype in (torch.float32, torch.bfloat16):
             inputs = _layer_inputs(mode, T, B, D, H, dtype)
             results, times, plans = {}, {}, {}
+            # One program on the split's tiles: its default tiles are wider and sum in another order.
+            R.TILE_N, R.TILE_K = R.SPLIT_TILE_N, R.SPLIT_TILE_K[R.GATES[mode]]
             for split in ("off", "per_step", "persistent"):
                 R.SPLIT = split
                 plans[split] = R._launch_config(B, D, H, dtype, inputs[0].device, mode)[3]
@@ -256,7 +259,7 @@ def split_check() -> int:
                 "fwd+bwd ms: " + " ".join(f"{name} {ms:.3f}" for name, ms in times.items()),
                 flush=True,
             )
-    R.SPLIT = "auto"
+    R.SPLIT, R.TILE_N, R.TILE_K = "auto", None, None
     return 1 if failed else 0
 
 

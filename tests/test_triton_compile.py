@@ -2,7 +2,7 @@
 without a GPU: the interpreter runs the kernels' Python, never Triton's compiler, so a kernel can
 pass every interpreter test and still fail to compile. bench/triton_resources.py does the work
 (and prints registers, stack and shared memory); here it compiles the split kernels' persistent
-variant (its grid barrier) and one on-chip and one tiled LSTM with proj_size."""
+variant (its grid barrier), and the LSTM with proj_size on chip and split."""
 
 import os
 import pathlib
@@ -41,12 +41,13 @@ def test_split_persistent_kernels_compile_for_sm90():
 
 
 def test_lstm_projection_kernels_compile_for_sm90():
-    rows = compile_rows(
-        "--modes", "LSTM", "--dtypes", "bfloat16", "--hidden", "48,200", "--batch", "16", "--proj", "20"
-    )
+    # On chip at H = 48; split at H = 1024, with W_hr's two exchanges (two barriers) per step.
+    args = ("--modes", "LSTM", "--dtypes", "bfloat16", "--hidden", "48,1024", "--batch", "16", "--proj", "20")
+    rows = compile_rows(*args, "--split", "persistent")
     assert [row[5] for row in rows] == [
         "_recurrence_fwd_kernel",
         "_recurrence_bwd_kernel",
         "_recurrence_fwd_tiled_kernel",
         "_recurrence_bwd_tiled_kernel",
     ]
+    assert [row[-6] for row in rows] == ["0", "0", "1", "1"]  # the sync column

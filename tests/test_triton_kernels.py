@@ -505,11 +505,28 @@ def test_split_variants_agree_bitwise(mode, monkeypatch):
             assert torch.equal(g, w), f"{split}: output {i} differs from one program's"
 
 
-def test_split_lstm_projection_runs_as_one_program(monkeypatch):
-    # W_hr needs a second exchange per step (m_t before its product), which the split lacks.
-    _, split = split_layer(monkeypatch, "LSTM", "per_step", proj_size=5)
-    assert split.k == 1 and not split.per_step
-    check_against_reference("LSTM", *SPLIT_SHAPE, ATOL, proj_size=5)
+# With W_hr two exchanges per step: H columns (gates, c, m_t), then P columns (h_t = m_t @ W_hr^T).
+# P = 21 under the interpreter: 16-column slices of P too, and k = 3 slices of H leave one program
+# without P columns.
+SPLIT_PROJ = 21 if not CUDA else 50
+
+
+@pytest.mark.parametrize("split", ["per_step", "persistent"])
+def test_split_lstm_projection_matches_reference(split, monkeypatch):
+    slice_ = SPLIT_SLICE if split == "per_step" else PERSISTENT_SLICE
+    _, plan = split_layer(monkeypatch, "LSTM", split, proj_size=SPLIT_PROJ, slice_=slice_)
+    H = SPLIT_SHAPE[3]
+    assert plan.per_step == (split == "per_step") and plan.k * plan.slice >= H and plan.k * plan.slice_k >= SPLIT_PROJ
+    assert plan.k == (1 if split == "persistent" and not CUDA else (3 if not CUDA else 7))
+    check_against_reference("LSTM", *SPLIT_SHAPE, ATOL, proj_size=SPLIT_PROJ)
+
+
+def test_split_lstm_projection_variants_agree_bitwise(monkeypatch):
+    want, _ = split_layer(monkeypatch, "LSTM", "off", proj_size=SPLIT_PROJ)
+    for split, slice_ in (("per_step", SPLIT_SLICE), ("persistent", PERSISTENT_SLICE)):
+        got, _ = split_layer(monkeypatch, "LSTM", split, proj_size=SPLIT_PROJ, slice_=slice_)
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert torch.equal(g, w), f"{split}: output {i} differs from one program's"
 
 
 def test_split_plan(monkeypatch):
@@ -526,8 +543,8 @@ def test_split_plan(monkeypatch):
     assert split.grid_sync and not split.per_step and meta["GRID_SYNC"] and meta["launch_cooperative_grid"]
     _, grid, _, split = plan(64, 2, 1024, "LSTM")  # 8 (direction, batch block) pairs
     assert (split.k, split.slice) == (16, 64) and grid == (2, 4, 16) and 2 * 4 * 16 <= 132
-    _, _, meta, split = plan(1, 1, 256, "LSTM", 64, True)
-    assert split.k == 1 and not meta["GRID_SYNC"]
+    _, _, meta, split = plan(1, 1, 256, "LSTM", 64, True)  # W_hr's 64 columns: 4 slices of 16
+    assert (split.k, split.slice, split.slice_k) == (16, 16, 16) and meta["GRID_SYNC"]
     # 19 batch blocks leave 6 SMs each: 34 columns, rounded up to 48, make 5 slices (95 programs).
     assert plan(300, 1, 200)[3][:2] == (5, 48)
     monkeypatch.setattr(rec, "_cooperative_launch", lambda device: False)

@@ -42,13 +42,14 @@ NCU_CASES = (
 SPLIT_GRID = dict(batch=(1, 16, 64), hidden=(128, 256, 512, 768, 1024, 2048), steps=(100, 1000))
 # The LSTM's, smaller: its cuDNN counterpart is nn.LSTM.
 SPLIT_LSTM_GRID = dict(batch=(1, 16), hidden=(256, 512, 1024), steps=(100,))
-# The cells and shapes split-check compares: (mode, T, B, D, H).
+# The cells and shapes split-check compares: (mode, T, B, D, H, LSTM proj_size or None).
 SPLIT_CHECK_CASES = (
-    ("RNN_TANH", 50, 16, 1, 1024),
-    ("RNN_TANH", 20, 37, 2, 300),
-    ("GRU", 30, 16, 2, 512),
-    ("LSTM", 30, 5, 1, 768),
-    ("LSTM", 30, 64, 2, 256),
+    ("RNN_TANH", 50, 16, 1, 1024, None),
+    ("RNN_TANH", 20, 37, 2, 300, None),
+    ("GRU", 30, 16, 2, 512, None),
+    ("LSTM", 30, 5, 1, 768, None),
+    ("LSTM", 30, 64, 2, 256, None),
+    ("LSTM", 30, 16, 1, 1024, 256),
 )
 KERNELS = (
     "_recurrence_fwd_kernel",
@@ -194,9 +195,9 @@ def ncu_launches() -> int:
     return 0
 
 
-def _layer_inputs(mode, T, B, D, H, dtype, seed=0):
-    """Random inputs of the launchers (proj, w_hh, b_hh, states, lengths) on CUDA, lengths mixed
-    when T > 1 so that rows finish at different steps."""
+def _layer_inputs(mode, T, B, D, H, dtype, proj_size=None, seed=0):
+    """Random inputs of the launchers (proj, w_hh, b_hh, states, lengths, w_hr) on CUDA, lengths
+    mixed when T > 1 so that rows finish at different steps; w_hr (D, P, H) with ``proj_size``."""
     R = _recurrence()
     g = torch.Generator(device="cuda").manual_seed(seed)
     G = R.GATES[mode]
@@ -204,23 +205,26 @@ def _layer_inputs(mode, T, B, D, H, dtype, seed=0):
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, device="cuda", generator=g) * scale).to(dtype)
 
+    P = proj_size or H
     proj = randn(T, B, D, G * H)
-    w_hh = randn(D, G * H, H, scale=H**-0.5)
+    w_hh = randn(D, G * H, P, scale=P**-0.5)
     b_hh = randn(D, G * H) if mode == "GRU" else None
-    h0 = randn(D, B, H, scale=0.5)
+    h0 = randn(D, B, P, scale=0.5)
     states = (h0, randn(D, B, H, scale=0.5)) if mode == "LSTM" else h0
     lengths = torch.full((B,), T, dtype=torch.int64, device="cuda")
     lengths[1::3] = max(1, T // 2)
-    return proj, w_hh, b_hh, states, lengths
+    w_hr = randn(D, P, H, scale=H**-0.5) if proj_size else None
+    return proj, w_hh, b_hh, states, lengths, w_hr
 
 
-def _forward_backward_kernels(R, mode, proj, w_hh, b_hh, states, lengths):
+def _forward_backward_kernels(R, mode, proj, w_hh, b_hh, states, lengths, w_hr=None):
     """Every output of one forward and one backward launch, flat."""
-    out, h_n, saved = R.forward(proj, w_hh, b_hh, states, lengths, mode)
+    extra = dict(w_hr=w_hr) if w_hr is not None else {}
+    out, h_n, saved = R.forward(proj, w_hh, b_hh, states, lengths, mode, **extra)
     g = torch.Generator(device="cuda").manual_seed(1)
     grad_out = torch.randn(out.shape, device="cuda", generator=g).to(out.dtype)
     grad_hn = tuple(torch.ones_like(h) for h in h_n) if mode == "LSTM" else torch.ones_like(h_n)
-    grads = R.backward(grad_out, grad_hn, out, saved, w_hh, states, lengths, mode)
+    grads = R.backward(grad_out, grad_hn, out, saved, w_hh, states, lengths, mode, **extra)
     flat = [out, *saved, *(h_n if mode == "LSTM" else (h_n,))]
     for x in grads:
         flat.extend(x if isinstance(x, tuple) else (x,))
@@ -235,15 +239,17 @@ def split_check() -> int:
     mismatch; a hang is the caller's timeout (gpu_check.sh then runs the rest per step)."""
     R = _recurrence()
     failed = 0
-    for mode, T, B, D, H in SPLIT_CHECK_CASES:
+    for mode, T, B, D, H, proj_size in SPLIT_CHECK_CASES:
         for dtype in (torch.float32, torch.bfloat16):
-            inputs = _layer_inputs(mode, T, B, D, H, dtype)
+            inputs = _layer_inputs(mode, T, B, D, H, dtype, proj_size)
             results, times, plans = {}, {}, {}
             # One program on the split's tiles: its default tiles are wider and sum in another order.
             R.TILE_N, R.TILE_K = R.SPLIT_TILE_N, R.SPLIT_TILE_K[R.GATES[mode]]
             for split in ("off", "per_step", "persistent"):
                 R.SPLIT = split
-                plans[split] = R._launch_config(B, D, H, dtype, inputs[0].device, mode)[3]
+                plans[split] = R._launch_config(
+                    B, D, H, dtype, inputs[0].device, mode, None, proj_size, bool(proj_size)
+                )[3]
                 results[split] = _forward_backward_kernels(R, mode, *inputs)
                 torch.cuda.synchronize()
                 times[split] = _median_ms(_forward_backward_kernels, R, mode, *inputs, reps=5)
@@ -254,7 +260,7 @@ def split_check() -> int:
             failed += not all(same)
             k = plans["persistent"].k
             print(
-                f"{mode:8} {str(dtype)[6:]:8} T={T:4d} B={B:3d} D={D} H={H:5d} k={k:3d} "
+                f"{mode:8} {str(dtype)[6:]:8} T={T:4d} B={B:3d} D={D} H={H:5d} P={proj_size or H:5d} k={k:3d} "
                 f"per_step==off {same[0]!s:5} persistent==off {same[1]!s:5} "
                 "fwd+bwd ms: " + " ".join(f"{name} {ms:.3f}" for name, ms in times.items()),
                 flush=True,
@@ -297,7 +303,7 @@ def _split_timing_rows(R, mode, torch_cls, dtype, T, B, H):
     x = torch.randn(T, B, H, device="cuda", dtype=dtype, requires_grad=True)
     cudnn_fwd = _median_ms(rnn, x, reps=reps) * 1000 / T
     cudnn_fb = _median_ms(_forward_backward, rnn, x, reps=reps) * 1000 / T
-    proj, w_hh, b_hh, states, lengths = _layer_inputs(mode, T, B, 1, H, dtype)
+    proj, w_hh, b_hh, states, lengths, _ = _layer_inputs(mode, T, B, 1, H, dtype)
     lengths.fill_(T)
     seen = set()
     for variant in ["auto", "per_step"] + (["off"] if T <= 100 else []):

@@ -28,8 +28,9 @@ mode string): Triton compiles one kernel per cell and drops the other cells' bra
   interpreter can run with k > 1 (it runs programs one after another, so a spin barrier across
   programs would never return there). Both run the same step code on the same tiles, so their
   results agree bit for bit, with each other and with one program on the same tiles (one
-  program's default tiles are wider, which changes the order of the sums). An LSTM with W_hr needs
-  a second exchange per step (m_t before h_t = m_t @ W_hr^T) and runs as one program.
+  program's default tiles are wider, which changes the order of the sums). An LSTM with W_hr has
+  two exchanges per step (m_t's H columns before h_t = m_t @ W_hr^T's P columns; backward the
+  other way round), so two barriers, or two launches per step.
 
 The LSTM's gates (i, f, g, o) are four N blocks of the one product h_{t-1} @ W_hh[d]^T (one h tile
 feeds all four). With proj_size P (W_hr), h and W_hh's columns are P wide: forward adds the product
@@ -100,11 +101,13 @@ SPLIT_WARPS = 8
 
 
 class Split(NamedTuple):
-    """How a tiled launch splits: k programs of ``slice`` columns per (direction, batch block);
-    ``per_step``: one launch per step; ``grid_sync``: one launch with a grid barrier per step."""
+    """How a tiled launch splits: k programs of ``slice`` columns per (direction, batch block)
+    (``slice_k`` of the state's P with W_hr); ``per_step``: one launch per step (two with W_hr,
+    one per exchange); ``grid_sync``: one launch with a grid barrier per exchange."""
 
     k: int
     slice: int
+    slice_k: int
     per_step: bool
     grid_sync: bool
 
@@ -127,14 +130,16 @@ def _split_plan(B, D, H, P, block_b, block_n, device, project):
     if SPLIT_SLICE is not None and SPLIT_SLICE < 1:
         raise ValueError(f"fastrnn triton: SPLIT_SLICE must be a positive number of columns, got {SPLIT_SLICE}")
     blocks = D * triton.cdiv(B, block_b)
-    if project or SPLIT == "off":
-        return Split(1, max(H, P), False, False)
+    if SPLIT == "off":
+        return Split(1, H, P, False, False)
     if SPLIT_SLICE is not None:
         width = SPLIT_SLICE
     else:
         width = triton.cdiv(H, max(1, sm_count(device) // blocks))
     width = triton.cdiv(width, block_n) * block_n
     k = triton.cdiv(H, width)
+    # W_hr's P columns in as many slices (or fewer: some programs then sit its exchange out).
+    width_k = triton.cdiv(triton.cdiv(P, k), block_n) * block_n if project else width
     fits = blocks * k <= sm_count(device)
     if SPLIT == "persistent":
         if k > 1 and not fits:
@@ -143,13 +148,13 @@ def _split_plan(B, D, H, P, block_b, block_n, device, project):
                 f"(have {sm_count(device)}); use SPLIT = 'per_step' or a wider SPLIT_SLICE"
             )
         # One program per counter needs no barrier; the interpreter runs it anyway (its test).
-        return Split(k, width, False, k > 1 or INTERPRET)
+        return Split(k, width, width_k, False, k > 1 or INTERPRET)
     if SPLIT == "per_step":
-        return Split(k, width, True, False)
+        return Split(k, width, width_k, True, False)
     if k == 1:
-        return Split(1, width, False, False)
+        return Split(1, width, width_k, False, False)
     persistent = fits and _cooperative_launch(device)
-    return Split(k, width, not persistent, persistent)
+    return Split(k, width, width_k, not persistent, persistent)
 
 
 def _tiles(mode, ieee_f32, tf32):
@@ -223,13 +228,16 @@ def _launch_config(B, D, H, dtype, device, mode, allow_tf32=None, width=None, pr
 
 def _launch_tiled(kernel, grid, split, iterations, args, sizes, meta):
     """Run a tiled kernel's ``iterations`` step iterations: in one launch, or (split.per_step) one
-    launch each, the launch boundary standing in for the grid barrier."""
+    launch each (with W_hr one per exchange, phases 1 then 2), the launch boundary standing in for
+    the grid barrier."""
+    slices = (split.slice, split.slice_k)
     if not split.per_step:
         sync = torch.zeros(grid[0] * grid[1], dtype=torch.int64, device=args[0].device) if split.grid_sync else None
-        kernel[grid](*args, sync, 0, iterations, split.slice, *sizes, **meta)
+        kernel[grid](*args, sync, 0, iterations, *slices, 3, *sizes, **meta)
         return
     for it in range(iterations):
-        kernel[grid](*args, None, it, it + 1, split.slice, *sizes, **meta)
+        for phases in (1, 2) if meta["PROJECT"] else (3,):
+            kernel[grid](*args, None, it, it + 1, *slices, phases, *sizes, **meta)
 
 
 def _gates(mode):

@@ -36,9 +36,9 @@ def _step_sync(sync_ptr, steps_done, GRID_SYNC: tl.constexpr):
         tl.debug_barrier()
 
 
-# s_begin and s_end unspecialised: the per-step twin passes every step index, and Triton would
-# otherwise compile a variant for 1 and for multiples of 16.
-@triton.jit(do_not_specialize=["s_begin", "s_end"])
+# s_begin, s_end and phases unspecialised: the per-step twin passes every step index (and phases
+# 1 and 2), and Triton would otherwise compile a variant for 1 and for multiples of 16.
+@triton.jit(do_not_specialize=["s_begin", "s_end", "phases"])
 def _recurrence_fwd_tiled_kernel(
     proj_ptr,
     w_ptr,
@@ -56,6 +56,8 @@ def _recurrence_fwd_tiled_kernel(
     s_begin,
     s_end,
     SLICE,
+    SLICE_K,
+    phases,
     T,
     B,
     H,
@@ -84,11 +86,19 @@ def _recurrence_fwd_tiled_kernel(
         out_stride_b = stride_b
         out_stride_t = stride_t
     # This program's columns, a slice of W_hh's rows per gate (see _step_sync): [lo, hi_h) of the
-    # H-wide values, [lo, hi_k) of the K-wide ones. SLICE is a multiple of BLOCK_N (no tile crosses
-    # into the next slice), and at least max(H, P) with W_hr, which runs as one program.
+    # H-wide values, [lo_k, hi_k) of the K-wide ones (the same but for W_hr's P). SLICE and SLICE_K
+    # are multiples of BLOCK_N, so no tile crosses into the next slice. With W_hr a step has two
+    # exchanges, each closed by a _step_sync: the H columns (gates, c, m_t), then the P columns
+    # (h_t = m_t @ W_hr^T; backward in the other order). ``phases`` (bits 1 and 2) says which of
+    # the two this launch runs: the per-step twin launches each alone.
     lo = tl.program_id(2) * SLICE
     hi_h = tl.minimum(lo + SLICE, H)
-    hi_k = tl.minimum(lo + SLICE, K)
+    lo_k = tl.program_id(2) * SLICE_K
+    hi_k = tl.minimum(lo_k + SLICE_K, K)
+    if PROJECT:
+        exchanges = 2
+    else:
+        exchanges = 1
     w_base = w_ptr + d * GATES * H * K
     seq = rows.to(tl.int64) * out_stride_b + d * K  # (BLOCK_B,) offset of each row's (b, d) slice
     h0_rows = h0_ptr + d * B * K + rows * K
@@ -172,74 +182,76 @@ def _recurrence_fwd_tiled_kernel(
             dst_rows = out_ptr + t.to(tl.int64) * out_stride_t + seq
             src_rows = proj_ptr + t.to(tl.int64) * (4 * stride_t) + x_seq
             keep_rows = saved_ptr + t.to(tl.int64) * (5 * stride_t) + kept
-            for n0 in range(lo, hi_h, BLOCK_N):
-                cn = n0 + rn
-                n_ok = (cn < H)[None, :]
-                m_n = active[:, None] & n_ok
-                src = src_rows[:, None] + cn[None, :]
-                z_i = tl.load(src, mask=m_n, other=0.0).to(tl.float32)
-                z_f = tl.load(src + H, mask=m_n, other=0.0).to(tl.float32)
-                z_g = tl.load(src + 2 * H, mask=m_n, other=0.0).to(tl.float32)
-                z_o = tl.load(src + 3 * H, mask=m_n, other=0.0).to(tl.float32)
-                # The four gates' N tiles of one product h_{t-1} @ W_hh[d]^T, sharing each h tile.
-                for k0 in range(0, P, BLOCK_K):
-                    ck = k0 + rk
-                    # .cg: from L2; a split's other programs wrote part of it (see _step_sync).
-                    hp = tl.load(
-                        prev_rows[:, None] + ck[None, :],
-                        mask=active[:, None] & (ck < P)[None, :],
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    w_tile = w_base + cn[None, :] * P + ck[:, None]
-                    w_mask = (ck < P)[:, None] & n_ok
-                    z_i += _mm(hp, tl.load(w_tile, mask=w_mask, other=0.0), PRECISION, MODE)
-                    z_f += _mm(hp, tl.load(w_tile + H * P, mask=w_mask, other=0.0), PRECISION, MODE)
-                    z_g += _mm(hp, tl.load(w_tile + 2 * H * P, mask=w_mask, other=0.0), PRECISION, MODE)
-                    z_o += _mm(hp, tl.load(w_tile + 3 * H * P, mask=w_mask, other=0.0), PRECISION, MODE)
-                c = tl.load(c_prev_rows[:, None] + cn[None, :], mask=m_n, other=0.0, cache_modifier=".cg")
-                i, f, g, o, c, m = _lstm_forward(z_i, z_f, z_g, z_o, c)
-                tl.store(c_cur_rows[:, None] + cn[None, :], c, mask=m_n)
-                keep = keep_rows[:, None] + cn[None, :]
-                tl.store(keep, i.to(keep_ty), mask=m_n)
-                tl.store(keep + H, f.to(keep_ty), mask=m_n)
-                tl.store(keep + 2 * H, g.to(keep_ty), mask=m_n)
-                tl.store(keep + 3 * H, o.to(keep_ty), mask=m_n)
-                tl.store(keep + 4 * H, c.to(keep_ty), mask=m_n)
-                if PROJECT:
-                    tl.store(m_rows[:, None] + cn[None, :], m, mask=m_n)
-                else:
-                    m = tl.where(active[:, None], m, 0.0)  # finished rows write zeros at t = s
-                    tl.store(
-                        dst_rows[:, None] + cn[None, :], m.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok
-                    )
-            if PROJECT:
-                tl.debug_barrier()  # all of m_t before its product
-                for n0 in range(0, P, BLOCK_N):
+            if (phases & 1) != 0:
+                for n0 in range(lo, hi_h, BLOCK_N):
                     cn = n0 + rn
-                    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-                    for k0 in range(0, H, BLOCK_K):
+                    n_ok = (cn < H)[None, :]
+                    m_n = active[:, None] & n_ok
+                    src = src_rows[:, None] + cn[None, :]
+                    z_i = tl.load(src, mask=m_n, other=0.0).to(tl.float32)
+                    z_f = tl.load(src + H, mask=m_n, other=0.0).to(tl.float32)
+                    z_g = tl.load(src + 2 * H, mask=m_n, other=0.0).to(tl.float32)
+                    z_o = tl.load(src + 3 * H, mask=m_n, other=0.0).to(tl.float32)
+                    # The four gates' N tiles of one product h_{t-1} @ W_hh[d]^T, sharing each h tile.
+                    for k0 in range(0, P, BLOCK_K):
                         ck = k0 + rk
-                        mk = tl.load(
-                            m_rows[:, None] + ck[None, :],
-                            mask=active[:, None] & (ck < H)[None, :],
+                        # .cg: from L2; a split's other programs wrote part of it (see _step_sync).
+                        hp = tl.load(
+                            prev_rows[:, None] + ck[None, :],
+                            mask=active[:, None] & (ck < P)[None, :],
                             other=0.0,
                             cache_modifier=".cg",
                         )
-                        # W_hr[d, p, j] at [j, p]: h_t = m_t @ W_hr[d]^T.
-                        wr = tl.load(
-                            whr_ptr + d * P * H + cn[None, :] * H + ck[:, None],
-                            mask=(ck < H)[:, None] & (cn < P)[None, :],
-                            other=0.0,
+                        w_tile = w_base + cn[None, :] * P + ck[:, None]
+                        w_mask = (ck < P)[:, None] & n_ok
+                        z_i += _mm(hp, tl.load(w_tile, mask=w_mask, other=0.0), PRECISION, MODE)
+                        z_f += _mm(hp, tl.load(w_tile + H * P, mask=w_mask, other=0.0), PRECISION, MODE)
+                        z_g += _mm(hp, tl.load(w_tile + 2 * H * P, mask=w_mask, other=0.0), PRECISION, MODE)
+                        z_o += _mm(hp, tl.load(w_tile + 3 * H * P, mask=w_mask, other=0.0), PRECISION, MODE)
+                    c = tl.load(c_prev_rows[:, None] + cn[None, :], mask=m_n, other=0.0, cache_modifier=".cg")
+                    i, f, g, o, c, m = _lstm_forward(z_i, z_f, z_g, z_o, c)
+                    tl.store(c_cur_rows[:, None] + cn[None, :], c, mask=m_n)
+                    keep = keep_rows[:, None] + cn[None, :]
+                    tl.store(keep, i.to(keep_ty), mask=m_n)
+                    tl.store(keep + H, f.to(keep_ty), mask=m_n)
+                    tl.store(keep + 2 * H, g.to(keep_ty), mask=m_n)
+                    tl.store(keep + 3 * H, o.to(keep_ty), mask=m_n)
+                    tl.store(keep + 4 * H, c.to(keep_ty), mask=m_n)
+                    if PROJECT:
+                        tl.store(m_rows[:, None] + cn[None, :], m, mask=m_n)
+                    else:
+                        m = tl.where(active[:, None], m, 0.0)  # finished rows write zeros at t = s
+                        tl.store(
+                            dst_rows[:, None] + cn[None, :], m.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok
                         )
-                        acc += _mm(mk, wr, PRECISION, MODE)
-                    acc = tl.where(active[:, None], acc, 0.0)
-                    tl.store(
-                        dst_rows[:, None] + cn[None, :],
-                        acc.to(out_ptr.dtype.element_ty),
-                        mask=row_ok[:, None] & (cn < P)[None, :],
-                    )
-            _step_sync(sync_ptr, s - s_begin + 1, GRID_SYNC)
+            if PROJECT:
+                _step_sync(sync_ptr, 2 * (s - s_begin) + 1, GRID_SYNC)  # all of m_t before its product
+                if (phases & 2) != 0:
+                    for n0 in range(lo_k, hi_k, BLOCK_N):
+                        cn = n0 + rn
+                        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+                        for k0 in range(0, H, BLOCK_K):
+                            ck = k0 + rk
+                            mk = tl.load(
+                                m_rows[:, None] + ck[None, :],
+                                mask=active[:, None] & (ck < H)[None, :],
+                                other=0.0,
+                                cache_modifier=".cg",
+                            )
+                            # W_hr[d, p, j] at [j, p]: h_t = m_t @ W_hr[d]^T.
+                            wr = tl.load(
+                                whr_ptr + d * P * H + cn[None, :] * H + ck[:, None],
+                                mask=(ck < H)[:, None] & (cn < P)[None, :],
+                                other=0.0,
+                            )
+                            acc += _mm(mk, wr, PRECISION, MODE)
+                        acc = tl.where(active[:, None], acc, 0.0)
+                        tl.store(
+                            dst_rows[:, None] + cn[None, :],
+                            acc.to(out_ptr.dtype.element_ty),
+                            mask=row_ok[:, None] & (cn < P)[None, :],
+                        )
+            _step_sync(sync_ptr, exchanges * (s - s_begin + 1), GRID_SYNC)
     else:
         for s in range(s_begin, tl.minimum(s_end, n_steps)):
             active = (L > s) & row_ok
@@ -275,8 +287,8 @@ def _recurrence_fwd_tiled_kernel(
                 )
             _step_sync(sync_ptr, s - s_begin + 1, GRID_SYNC)
 
-    if s_end >= T:  # the last launch (or the only one) finishes the layer
-        _zero_tail_tiled(out_ptr, seq, n_steps, T, out_stride_t, K, row_ok, 1, BLOCK_B, BLOCK_N, lo, hi_k)
+    if s_end >= T and phases >= 2:  # the last launch (or the only one) finishes the layer
+        _zero_tail_tiled(out_ptr, seq, n_steps, T, out_stride_t, K, row_ok, 1, BLOCK_B, BLOCK_N, lo_k, hi_k)
         if CELL == "GRU":
             # h_n: the buffer of the last step written ((L - 1) % 2), which is h0's for empty sequences.
             last_rows = state_rows + ((L + 1) % 2) * stride_t
@@ -285,7 +297,7 @@ def _recurrence_fwd_tiled_kernel(
             t_last = tl.where(d == 0, L - 1, 0)
             last_rows = tl.where(L > 0, out_ptr + t_last.to(tl.int64) * out_stride_t + seq, h0_rows)
         hn_rows = hn_ptr + d * B * K + rows * K
-        for n0 in range(lo, hi_k, BLOCK_N):
+        for n0 in range(lo_k, hi_k, BLOCK_N):
             cn = n0 + rn
             m_n = row_ok[:, None] & (cn < K)[None, :]
             hv = tl.load(last_rows[:, None] + cn[None, :], mask=m_n, other=0.0, cache_modifier=".cg")
@@ -337,7 +349,7 @@ def _lstm_bwd_tile(
     tl.store(dc_cur[:, None] + cn[None, :], dc_prev, mask=m_n)
 
 
-@triton.jit(do_not_specialize=["s_begin", "s_end"])
+@triton.jit(do_not_specialize=["s_begin", "s_end", "phases"])
 def _recurrence_bwd_tiled_kernel(
     gout_ptr,
     ghn_ptr,
@@ -359,6 +371,8 @@ def _recurrence_bwd_tiled_kernel(
     s_begin,
     s_end,
     SLICE,
+    SLICE_K,
+    phases,
     T,
     B,
     H,
@@ -387,11 +401,19 @@ def _recurrence_bwd_tiled_kernel(
         out_stride_b = stride_b
         out_stride_t = stride_t
     # This program's columns, a slice of W_hh's rows per gate (see _step_sync): [lo, hi_h) of the
-    # H-wide values, [lo, hi_k) of the K-wide ones. SLICE is a multiple of BLOCK_N (no tile crosses
-    # into the next slice), and at least max(H, P) with W_hr, which runs as one program.
+    # H-wide values, [lo_k, hi_k) of the K-wide ones (the same but for W_hr's P). SLICE and SLICE_K
+    # are multiples of BLOCK_N, so no tile crosses into the next slice. With W_hr a step has two
+    # exchanges, each closed by a _step_sync: the H columns (gates, c, m_t), then the P columns
+    # (h_t = m_t @ W_hr^T; backward in the other order). ``phases`` (bits 1 and 2) says which of
+    # the two this launch runs: the per-step twin launches each alone.
     lo = tl.program_id(2) * SLICE
     hi_h = tl.minimum(lo + SLICE, H)
-    hi_k = tl.minimum(lo + SLICE, K)
+    lo_k = tl.program_id(2) * SLICE_K
+    hi_k = tl.minimum(lo_k + SLICE_K, K)
+    if PROJECT:
+        exchanges = 2
+    else:
+        exchanges = 1
     w_base = w_ptr + d * GATES * H * K
     seq = rows.to(tl.int64) * out_stride_b + d * K
     x_seq = rows.to(tl.int64) * (GATES * stride_b) + d * GATES * H
@@ -426,157 +448,165 @@ def _recurrence_bwd_tiled_kernel(
         t = _time_index(s, L, d)
         t_next = _time_index(s + 1, L, d)
         next_rows = rec_ptr + t_next.to(tl.int64) * (GATES * stride_t) + x_seq
-        for n0 in range(lo, hi_k, BLOCK_N):
-            cn = n0 + rn
-            n_ok = (cn < K)[None, :]
-            dh = tl.load(ghn_rows[:, None] + cn[None, :], mask=(active & ~has_next)[:, None] & n_ok, other=0.0).to(
-                tl.float32
-            )
-            if CELL == "GRU":
-                gz_next = gz_rows + ((s + 1) % 2) * stride_t
-                dh += tl.load(
-                    gz_next[:, None] + cn[None, :], mask=has_next[:, None] & n_ok, other=0.0, cache_modifier=".cg"
+        if (phases & 1) != 0:
+            for n0 in range(lo_k, hi_k, BLOCK_N):
+                cn = n0 + rn
+                n_ok = (cn < K)[None, :]
+                dh = tl.load(ghn_rows[:, None] + cn[None, :], mask=(active & ~has_next)[:, None] & n_ok, other=0.0).to(
+                    tl.float32
                 )
-            for k0 in range(0, H, BLOCK_K):
-                ck = k0 + rk
-                for g in tl.static_range(GATES):
-                    dzn = tl.load(
-                        next_rows[:, None] + g * H + ck[None, :],
-                        mask=has_next[:, None] & (ck < H)[None, :],
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    w = tl.load(
-                        w_base + (g * H + ck[:, None]) * K + cn[None, :], mask=(ck < H)[:, None] & n_ok, other=0.0
-                    )
-                    dh += _mm(dzn, w, PRECISION, MODE)
-            if s >= 0:
-                ptrs = t.to(tl.int64)[:, None] * out_stride_t + seq[:, None] + cn[None, :]
-                m_n = active[:, None] & n_ok
-                go = tl.load(gout_ptr + ptrs, mask=m_n, other=0.0).to(tl.float32)
                 if CELL == "GRU":
-                    keep = saved_ptr + t.to(tl.int64)[:, None] * (4 * stride_t) + kept[:, None] + cn[None, :]
-                    r = tl.load(keep, mask=m_n, other=0.0).to(tl.float32)
-                    z = tl.load(keep + H, mask=m_n, other=0.0).to(tl.float32)
-                    n = tl.load(keep + 2 * H, mask=m_n, other=0.0).to(tl.float32)
-                    a_n = tl.load(keep + 3 * H, mask=m_n, other=0.0).to(tl.float32)
-                    prev = _prev_rows(s, L, d, h0_rows, out_rows, stride_t)
-                    h_prev = tl.load(prev[:, None] + cn[None, :], mask=m_n, other=0.0).to(tl.float32)
-                    g_h = go + dh
-                    dr, dz, dn = _gru_backward(g_h, r, z, n, a_n, h_prev)
-                    dt = gproj_ptr.dtype.element_ty
-                    dr = tl.where(active[:, None], dr, 0.0).to(dt)
-                    dz = tl.where(active[:, None], dz, 0.0).to(dt)
-                    dn_r = tl.where(active[:, None], dn * r, 0.0).to(dt)
-                    dn = tl.where(active[:, None], dn, 0.0).to(dt)
-                    x_ptrs = t.to(tl.int64)[:, None] * (3 * stride_t) + x_seq[:, None] + cn[None, :]
-                    m_w = row_ok[:, None] & n_ok
-                    tl.store(gproj_ptr + x_ptrs, dr, mask=m_w)
-                    tl.store(gproj_ptr + x_ptrs + H, dz, mask=m_w)
-                    tl.store(gproj_ptr + x_ptrs + 2 * H, dn, mask=m_w)
-                    tl.store(grec_ptr + x_ptrs, dr, mask=m_w)
-                    tl.store(grec_ptr + x_ptrs + H, dz, mask=m_w)
-                    tl.store(grec_ptr + x_ptrs + 2 * H, dn_r, mask=m_w)
-                    gz_cur = gz_rows + (s % 2) * stride_t
-                    tl.store(gz_cur[:, None] + cn[None, :], g_h * z, mask=m_n)
-                elif CELL == "LSTM":
-                    g_h = go + dh  # dLoss/dh_t in full
-                    if PROJECT:  # to grad_h, and dm = grad_h @ W_hr[d] once all of it is there
-                        g_h = tl.where(active[:, None], g_h, 0.0)
-                        tl.store(gh_ptr + ptrs, g_h.to(gh_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok)
-                    else:
-                        _lstm_bwd_tile(
-                            g_h,
-                            cn,
-                            s,
-                            t,
-                            L,
-                            d,
-                            active,
-                            row_ok,
-                            H,
-                            stride_t,
-                            saved_ptr,
-                            kept,
-                            c0_rows,
-                            dc_rows,
-                            gcn_rows,
-                            gproj_ptr,
-                            x_seq,
-                        )
-                else:
-                    y = tl.load(out_ptr + ptrs, mask=m_n, other=0.0).to(tl.float32)
-                    dz = _elman_backward(go + dh, y, CELL)
-                    dz = tl.where(active[:, None], dz, 0.0)
-                    tl.store(gproj_ptr + ptrs, dz.to(gproj_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok)
-            else:
-                # Rows with L = 0 never ran: their grad_h0 is grad_hn (loaded above, active is all rows).
-                tl.store(
-                    gh0_ptr + d * B * K + rows[:, None] * K + cn[None, :],
-                    dh.to(gh0_ptr.dtype.element_ty),
-                    mask=row_ok[:, None] & n_ok,
-                )
-        if CELL == "LSTM":
-            if PROJECT:
-                if s >= 0:
-                    tl.debug_barrier()  # all of grad_h_t before its product
-                    gh_rows = gh_ptr + t.to(tl.int64) * out_stride_t + seq
-                    for n0 in range(lo, hi_h, BLOCK_N):
-                        cn = n0 + rn
-                        dm = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-                        for k0 in range(0, P, BLOCK_K):
-                            ck = k0 + rk
-                            ghk = tl.load(
-                                gh_rows[:, None] + ck[None, :],
-                                mask=active[:, None] & (ck < P)[None, :],
-                                other=0.0,
-                                cache_modifier=".cg",
-                            )
-                            wr = tl.load(
-                                whr_ptr + d * P * H + ck[:, None] * H + cn[None, :],
-                                mask=(ck < P)[:, None] & (cn < H)[None, :],
-                                other=0.0,
-                            )
-                            dm += _mm(ghk, wr, PRECISION, MODE)
-                        _lstm_bwd_tile(
-                            dm,
-                            cn,
-                            s,
-                            t,
-                            L,
-                            d,
-                            active,
-                            row_ok,
-                            H,
-                            stride_t,
-                            saved_ptr,
-                            kept,
-                            c0_rows,
-                            dc_rows,
-                            gcn_rows,
-                            gproj_ptr,
-                            x_seq,
-                        )
-            if s < 0:
-                # grad_c0: dLoss/dc of the first step, or grad_c_n for rows with L = 0.
-                for n0 in range(lo, hi_h, BLOCK_N):
-                    cn = n0 + rn
-                    n_ok = (cn < H)[None, :]
-                    dc = tl.load(gcn_rows[:, None] + cn[None, :], mask=(row_ok & ~has_next)[:, None] & n_ok, other=0.0)
-                    dc = dc.to(tl.float32) + tl.load(
-                        dc_rows[:, None] + cn[None, :], mask=has_next[:, None] & n_ok, other=0.0, cache_modifier=".cg"
+                    gz_next = gz_rows + ((s + 1) % 2) * stride_t
+                    dh += tl.load(
+                        gz_next[:, None] + cn[None, :], mask=has_next[:, None] & n_ok, other=0.0, cache_modifier=".cg"
                     )
+                for k0 in range(0, H, BLOCK_K):
+                    ck = k0 + rk
+                    for g in tl.static_range(GATES):
+                        dzn = tl.load(
+                            next_rows[:, None] + g * H + ck[None, :],
+                            mask=has_next[:, None] & (ck < H)[None, :],
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
+                        w = tl.load(
+                            w_base + (g * H + ck[:, None]) * K + cn[None, :], mask=(ck < H)[:, None] & n_ok, other=0.0
+                        )
+                        dh += _mm(dzn, w, PRECISION, MODE)
+                if s >= 0:
+                    ptrs = t.to(tl.int64)[:, None] * out_stride_t + seq[:, None] + cn[None, :]
+                    m_n = active[:, None] & n_ok
+                    go = tl.load(gout_ptr + ptrs, mask=m_n, other=0.0).to(tl.float32)
+                    if CELL == "GRU":
+                        keep = saved_ptr + t.to(tl.int64)[:, None] * (4 * stride_t) + kept[:, None] + cn[None, :]
+                        r = tl.load(keep, mask=m_n, other=0.0).to(tl.float32)
+                        z = tl.load(keep + H, mask=m_n, other=0.0).to(tl.float32)
+                        n = tl.load(keep + 2 * H, mask=m_n, other=0.0).to(tl.float32)
+                        a_n = tl.load(keep + 3 * H, mask=m_n, other=0.0).to(tl.float32)
+                        prev = _prev_rows(s, L, d, h0_rows, out_rows, stride_t)
+                        h_prev = tl.load(prev[:, None] + cn[None, :], mask=m_n, other=0.0).to(tl.float32)
+                        g_h = go + dh
+                        dr, dz, dn = _gru_backward(g_h, r, z, n, a_n, h_prev)
+                        dt = gproj_ptr.dtype.element_ty
+                        dr = tl.where(active[:, None], dr, 0.0).to(dt)
+                        dz = tl.where(active[:, None], dz, 0.0).to(dt)
+                        dn_r = tl.where(active[:, None], dn * r, 0.0).to(dt)
+                        dn = tl.where(active[:, None], dn, 0.0).to(dt)
+                        x_ptrs = t.to(tl.int64)[:, None] * (3 * stride_t) + x_seq[:, None] + cn[None, :]
+                        m_w = row_ok[:, None] & n_ok
+                        tl.store(gproj_ptr + x_ptrs, dr, mask=m_w)
+                        tl.store(gproj_ptr + x_ptrs + H, dz, mask=m_w)
+                        tl.store(gproj_ptr + x_ptrs + 2 * H, dn, mask=m_w)
+                        tl.store(grec_ptr + x_ptrs, dr, mask=m_w)
+                        tl.store(grec_ptr + x_ptrs + H, dz, mask=m_w)
+                        tl.store(grec_ptr + x_ptrs + 2 * H, dn_r, mask=m_w)
+                        gz_cur = gz_rows + (s % 2) * stride_t
+                        tl.store(gz_cur[:, None] + cn[None, :], g_h * z, mask=m_n)
+                    elif CELL == "LSTM":
+                        g_h = go + dh  # dLoss/dh_t in full
+                        if PROJECT:  # to grad_h, and dm = grad_h @ W_hr[d] once all of it is there
+                            g_h = tl.where(active[:, None], g_h, 0.0)
+                            tl.store(gh_ptr + ptrs, g_h.to(gh_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok)
+                        else:
+                            _lstm_bwd_tile(
+                                g_h,
+                                cn,
+                                s,
+                                t,
+                                L,
+                                d,
+                                active,
+                                row_ok,
+                                H,
+                                stride_t,
+                                saved_ptr,
+                                kept,
+                                c0_rows,
+                                dc_rows,
+                                gcn_rows,
+                                gproj_ptr,
+                                x_seq,
+                            )
+                    else:
+                        y = tl.load(out_ptr + ptrs, mask=m_n, other=0.0).to(tl.float32)
+                        dz = _elman_backward(go + dh, y, CELL)
+                        dz = tl.where(active[:, None], dz, 0.0)
+                        tl.store(gproj_ptr + ptrs, dz.to(gproj_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok)
+                else:
+                    # Rows with L = 0 never ran: their grad_h0 is grad_hn (loaded above, active is all rows).
                     tl.store(
-                        gc0_ptr + d * B * H + rows[:, None] * H + cn[None, :],
-                        dc.to(gc0_ptr.dtype.element_ty),
+                        gh0_ptr + d * B * K + rows[:, None] * K + cn[None, :],
+                        dh.to(gh0_ptr.dtype.element_ty),
                         mask=row_ok[:, None] & n_ok,
                     )
-        _step_sync(sync_ptr, i - s_begin + 1, GRID_SYNC)
+        if CELL == "LSTM":
+            if PROJECT:
+                _step_sync(sync_ptr, 2 * (i - s_begin) + 1, GRID_SYNC)  # all of grad_h_t before its product
+            if (phases & 2) != 0:
+                if PROJECT:
+                    if s >= 0:
+                        gh_rows = gh_ptr + t.to(tl.int64) * out_stride_t + seq
+                        for n0 in range(lo, hi_h, BLOCK_N):
+                            cn = n0 + rn
+                            dm = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+                            for k0 in range(0, P, BLOCK_K):
+                                ck = k0 + rk
+                                ghk = tl.load(
+                                    gh_rows[:, None] + ck[None, :],
+                                    mask=active[:, None] & (ck < P)[None, :],
+                                    other=0.0,
+                                    cache_modifier=".cg",
+                                )
+                                wr = tl.load(
+                                    whr_ptr + d * P * H + ck[:, None] * H + cn[None, :],
+                                    mask=(ck < P)[:, None] & (cn < H)[None, :],
+                                    other=0.0,
+                                )
+                                dm += _mm(ghk, wr, PRECISION, MODE)
+                            _lstm_bwd_tile(
+                                dm,
+                                cn,
+                                s,
+                                t,
+                                L,
+                                d,
+                                active,
+                                row_ok,
+                                H,
+                                stride_t,
+                                saved_ptr,
+                                kept,
+                                c0_rows,
+                                dc_rows,
+                                gcn_rows,
+                                gproj_ptr,
+                                x_seq,
+                            )
+                if s < 0:
+                    # grad_c0: dLoss/dc of the first step, or grad_c_n for rows with L = 0.
+                    for n0 in range(lo, hi_h, BLOCK_N):
+                        cn = n0 + rn
+                        n_ok = (cn < H)[None, :]
+                        dc = tl.load(
+                            gcn_rows[:, None] + cn[None, :], mask=(row_ok & ~has_next)[:, None] & n_ok, other=0.0
+                        )
+                        dc = dc.to(tl.float32) + tl.load(
+                            dc_rows[:, None] + cn[None, :],
+                            mask=has_next[:, None] & n_ok,
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
+                        tl.store(
+                            gc0_ptr + d * B * H + rows[:, None] * H + cn[None, :],
+                            dc.to(gc0_ptr.dtype.element_ty),
+                            mask=row_ok[:, None] & n_ok,
+                        )
+        _step_sync(sync_ptr, exchanges * (i - s_begin + 1), GRID_SYNC)
 
-    if s_end > T:  # the last launch (or the only one) finishes the layer
+    if s_end > T and phases >= 2:  # the last launch (or the only one) finishes the layer
         _zero_tail_tiled(gproj_ptr, x_seq, n_steps, T, GATES * stride_t, H, row_ok, GATES, BLOCK_B, BLOCK_N, lo, hi_h)
         if CELL == "GRU":
             _zero_tail_tiled(grec_ptr, x_seq, n_steps, T, 3 * stride_t, H, row_ok, 3, BLOCK_B, BLOCK_N, lo, hi_h)
         elif CELL == "LSTM":
             if PROJECT:
-                _zero_tail_tiled(gh_ptr, seq, n_steps, T, out_stride_t, P, row_ok, 1, BLOCK_B, BLOCK_N, lo, hi_k)
+                _zero_tail_tiled(gh_ptr, seq, n_steps, T, out_stride_t, P, row_ok, 1, BLOCK_B, BLOCK_N, lo_k, hi_k)

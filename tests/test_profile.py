@@ -121,7 +121,7 @@ def _triton_kernel_names():
     return [
         name
         for module in ("onchip.py", "tiled.py")
-        for name in re.findall(r"@triton\.jit\s*\ndef (\w+)\(", (folder / module).read_text())
+        for name in re.findall(r"@triton\.jit(?:\([^)]*\))?\s*\ndef (\w+)\(", (folder / module).read_text())
     ]
 
 

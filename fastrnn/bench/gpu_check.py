@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -40,8 +41,8 @@ NCU_CASES = (
 )
 # The split kernels' table (issue 17): B, H and T, fp32 (TF32 off) and bf16, against cuDNN.
 SPLIT_GRID = dict(batch=(1, 16, 64), hidden=(128, 256, 512, 768, 1024, 2048), steps=(100, 1000))
-# The LSTM's, smaller: its cuDNN counterpart is nn.LSTM.
-SPLIT_LSTM_GRID = dict(batch=(1, 16), hidden=(256, 512, 1024), steps=(100,))
+# The LSTM's, smaller: its cuDNN counterpart is nn.LSTM; proj_size None, then 256 (H = 1024 only).
+SPLIT_LSTM_GRID = dict(batch=(1, 16), hidden=(256, 512, 1024), steps=(100,), proj=(None, 256))
 # The cells and shapes split-check compares: (mode, T, B, D, H, LSTM proj_size or None).
 SPLIT_CHECK_CASES = (
     ("RNN_TANH", 50, 16, 1, 1024, None),
@@ -289,40 +290,48 @@ def split_timing(budget_s: float = 150.0) -> int:
             for T in grid["steps"]:
                 for B in grid["batch"]:
                     for H in grid["hidden"]:
-                        if time.perf_counter() - start > budget_s:
-                            print(f"stopped at the {budget_s:.0f} s budget", flush=True)
-                            return 0
-                        _split_timing_rows(R, mode, torch_cls, dtype, T, B, H)
+                        for P in grid.get("proj", (None,)):
+                            if P is not None and P >= H:
+                                continue
+                            if time.perf_counter() - start > budget_s:
+                                print(f"stopped at the {budget_s:.0f} s budget", flush=True)
+                                return 0
+                            _split_timing_rows(R, mode, torch_cls, dtype, T, B, H, P)
     R.SPLIT = "auto"
     return 0
 
 
-def _split_timing_rows(R, mode, torch_cls, dtype, T, B, H):
+def _split_timing_rows(R, mode, torch_cls, dtype, T, B, H, P=None):
     reps = 5 if T * H >= 500_000 else 10
-    rnn = torch_cls(H, H).to("cuda", dtype)
+    rnn = torch_cls(H, H, **({"proj_size": P} if P else {})).to("cuda", dtype)
     x = torch.randn(T, B, H, device="cuda", dtype=dtype, requires_grad=True)
     cudnn_fwd = _median_ms(rnn, x, reps=reps) * 1000 / T
     cudnn_fb = _median_ms(_forward_backward, rnn, x, reps=reps) * 1000 / T
-    proj, w_hh, b_hh, states, lengths, _ = _layer_inputs(mode, T, B, 1, H, dtype)
+    proj, w_hh, b_hh, states, lengths, w_hr = _layer_inputs(mode, T, B, 1, H, dtype, P)
+    extra = dict(w_hr=w_hr) if P else {}
     lengths.fill_(T)
     seen = set()
     for variant in ["auto", "per_step"] + (["off"] if T <= 100 else []):
         R.SPLIT = variant
-        onchip, _, _, split = R._launch_config(B, 1, H, dtype, proj.device, mode)
+        onchip, _, _, split = R._launch_config(B, 1, H, dtype, proj.device, mode, None, P, bool(P))
         if (onchip, split) in seen:
             continue  # the same launches as a row above
         seen.add((onchip, split))
-        out, h_n, saved = R.forward(proj, w_hh, b_hh, states, lengths, mode)
+        out, h_n, saved = R.forward(proj, w_hh, b_hh, states, lengths, mode, **extra)
         grad_hn = tuple(torch.zeros_like(h) for h in h_n) if mode == "LSTM" else torch.zeros_like(h_n)
-        fwd = _median_ms(R.forward, proj, w_hh, b_hh, states, lengths, mode, reps=reps) * 1000 / T
-        bwd = _median_ms(R.backward, torch.ones_like(out), grad_hn, out, saved, w_hh, states, lengths, mode, reps=reps)
-        bwd = bwd * 1000 / T
+        forward = functools.partial(R.forward, proj, w_hh, b_hh, states, lengths, mode, **extra)
+        backward = functools.partial(
+            R.backward, torch.ones_like(out), grad_hn, out, saved, w_hh, states, lengths, mode, **extra
+        )
+        fwd = _median_ms(forward, reps=reps) * 1000 / T
+        bwd = _median_ms(backward, reps=reps) * 1000 / T
         name = (
             "onchip" if onchip else ("persistent" if split.grid_sync else ("per_step" if split.per_step else "tiled"))
         )
         k = 1 if onchip else split.k
+        label = mode if not P else f"LSTM/P{P}"
         print(
-            f"{mode:8} {str(dtype)[6:]:8} {T:4d} {B:3d} {H:5d} {k:3d} {name:10} {fwd:8.2f} {bwd:8.2f} "
+            f"{label:8} {str(dtype)[6:]:8} {T:4d} {B:3d} {H:5d} {k:3d} {name:10} {fwd:8.2f} {bwd:8.2f} "
             f"{cudnn_fwd:9.2f} {cudnn_fb:9.2f} {cudnn_fwd / fwd:6.2f} {cudnn_fb / (fwd + bwd):6.2f}",
             flush=True,
         )

@@ -91,10 +91,13 @@ SPLIT = os.environ.get("FASTRNN_TRITON_SPLIT", "auto")
 # it to split tiny layers.
 SPLIT_SLICE = None
 SPLIT_MODES = ("auto", "persistent", "per_step", "off")
-# Tiles and warps of a split launch: narrow slices spread W_hh over more SMs. From ptxas on sm_90
-# (Triton 3.9, H = 1024, B = 16): N 16 with 8 warps, K 32 for Elman and 16 for GRU and the LSTM
-# spill nothing but 16 bytes of GRU's float32 kernels (4 warps: 150-255 registers and spills).
-# Not timed yet: a lent GPU's `make gpu-check` times them against cuDNN.
+# Tiles and warps of a split launch: narrow slices spread W_hh over more SMs. From ptxas
+# (bench/triton_resources.py, Triton 3.9, H = 512-2048): N 16 with 8 warps, K 32 for Elman and 16
+# for GRU and the LSTM keep bf16 spill-free on sm_90 and leave 8-16 bytes of stack in some float32
+# kernels (GRU, the LSTM with W_hr) and on sm_80 (4 warps: 150-255 registers and up to 56 bytes).
+# Not timed yet: a lent GPU's `make gpu-check` times them against cuDNN. With W_hr, backward's
+# dz @ W_hh (4H x P) is split over P's columns alone, so ceil(P / 16) programs carry it; summing
+# per-program partial products over H instead is the change to try once it can be timed.
 SPLIT_TILE_N = 16
 SPLIT_TILE_K = {1: 32, 3: 16, 4: 16}
 SPLIT_WARPS = 8

@@ -12,12 +12,14 @@ from ._common import _block_rows, _mm, _prev_rows, _time_index, _zero_tail_tiled
 
 @triton.jit
 def _step_sync(sync_ptr, steps_done, GRID_SYNC: tl.constexpr):
-    """End of a step: what this program wrote is visible to the programs that read it next step.
+    """End of an exchange (one per step; two with W_hr): what this program wrote is visible to
+    the programs that read it next.
 
-    Without GRID_SYNC a CTA barrier (one program per direction and batch block, or one step per
-    launch). With it, the programs that split one (direction, batch block) into column slices
+    Without GRID_SYNC a CTA barrier (one program per direction and batch block, or one launch per
+    exchange). With it, the programs that split one (direction, batch block) into column slices
     (program_id 2) meet at a grid barrier: a counter per (direction, batch block) that only grows,
-    so step s waits for (s + 1) arrivals of each program and nothing is ever reset. The release
+    so the n-th exchange of a launch waits for n arrivals of each program (``steps_done``) and
+    nothing is ever reset. The release
     add (one thread: the atomic is scalar) publishes this CTA's stores, ordered before it by the
     CTA barrier. The poll is relaxed; the one acquire after it orders the next step's loads after
     the others' stores and invalidates this SM's L1 (ptxas: CCTL.IVALL), which is what keeps those
@@ -74,6 +76,7 @@ def _recurrence_fwd_tiled_kernel(
     PROJECT: tl.constexpr,
     GRID_SYNC: tl.constexpr,
 ):
+    tl.static_assert(CELL == "LSTM" or not PROJECT, "W_hr (PROJECT) is the LSTM's alone")
     d = tl.program_id(0)
     rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
     if CELL == "LSTM":
@@ -389,6 +392,7 @@ def _recurrence_bwd_tiled_kernel(
     PROJECT: tl.constexpr,
     GRID_SYNC: tl.constexpr,
 ):
+    tl.static_assert(CELL == "LSTM" or not PROJECT, "W_hr (PROJECT) is the LSTM's alone")
     d = tl.program_id(0)
     rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
     if CELL == "LSTM":

@@ -11,6 +11,19 @@ from ._common import _block_rows, _mm, _prev_rows, _time_index, _zero_tail_tiled
 
 
 @triton.jit
+def _program_columns(SLICE, SLICE_K, H, K):
+    """This program's columns, a slice of W_hh's rows per gate (see _step_sync): [lo, hi_h) of the
+    H-wide values, [lo_k, hi_k) of the K-wide ones (the same but for W_hr's P). SLICE and SLICE_K
+    are multiples of BLOCK_N, so no tile crosses into the next slice. With W_hr a step has two
+    exchanges, each closed by a _step_sync: the H columns (gates, c, m_t), then the P columns
+    (h_t = m_t @ W_hr^T; backward in the other order); the kernels' ``phases`` (bits 1 and 2) say
+    which of the two a launch runs: the per-step twin launches each alone."""
+    lo = tl.program_id(2) * SLICE
+    lo_k = tl.program_id(2) * SLICE_K
+    return lo, tl.minimum(lo + SLICE, H), lo_k, tl.minimum(lo_k + SLICE_K, K)
+
+
+@triton.jit
 def _step_sync(sync_ptr, steps_done, GRID_SYNC: tl.constexpr):
     """End of an exchange (one per step; two with W_hr): what this program wrote is visible to
     the programs that read it next.
@@ -88,20 +101,8 @@ def _recurrence_fwd_tiled_kernel(
         K = H
         out_stride_b = stride_b
         out_stride_t = stride_t
-    # This program's columns, a slice of W_hh's rows per gate (see _step_sync): [lo, hi_h) of the
-    # H-wide values, [lo_k, hi_k) of the K-wide ones (the same but for W_hr's P). SLICE and SLICE_K
-    # are multiples of BLOCK_N, so no tile crosses into the next slice. With W_hr a step has two
-    # exchanges, each closed by a _step_sync: the H columns (gates, c, m_t), then the P columns
-    # (h_t = m_t @ W_hr^T; backward in the other order). ``phases`` (bits 1 and 2) says which of
-    # the two this launch runs: the per-step twin launches each alone.
-    lo = tl.program_id(2) * SLICE
-    hi_h = tl.minimum(lo + SLICE, H)
-    lo_k = tl.program_id(2) * SLICE_K
-    hi_k = tl.minimum(lo_k + SLICE_K, K)
-    if PROJECT:
-        exchanges = 2
-    else:
-        exchanges = 1
+    lo, hi_h, lo_k, hi_k = _program_columns(SLICE, SLICE_K, H, K)
+    exchanges = 1 + PROJECT  # _step_syncs per step
     w_base = w_ptr + d * GATES * H * K
     seq = rows.to(tl.int64) * out_stride_b + d * K  # (BLOCK_B,) offset of each row's (b, d) slice
     h0_rows = h0_ptr + d * B * K + rows * K
@@ -404,20 +405,8 @@ def _recurrence_bwd_tiled_kernel(
         K = H
         out_stride_b = stride_b
         out_stride_t = stride_t
-    # This program's columns, a slice of W_hh's rows per gate (see _step_sync): [lo, hi_h) of the
-    # H-wide values, [lo_k, hi_k) of the K-wide ones (the same but for W_hr's P). SLICE and SLICE_K
-    # are multiples of BLOCK_N, so no tile crosses into the next slice. With W_hr a step has two
-    # exchanges, each closed by a _step_sync: the H columns (gates, c, m_t), then the P columns
-    # (h_t = m_t @ W_hr^T; backward in the other order). ``phases`` (bits 1 and 2) says which of
-    # the two this launch runs: the per-step twin launches each alone.
-    lo = tl.program_id(2) * SLICE
-    hi_h = tl.minimum(lo + SLICE, H)
-    lo_k = tl.program_id(2) * SLICE_K
-    hi_k = tl.minimum(lo_k + SLICE_K, K)
-    if PROJECT:
-        exchanges = 2
-    else:
-        exchanges = 1
+    lo, hi_h, lo_k, hi_k = _program_columns(SLICE, SLICE_K, H, K)
+    exchanges = 1 + PROJECT  # _step_syncs per step
     w_base = w_ptr + d * GATES * H * K
     seq = rows.to(tl.int64) * out_stride_b + d * K
     x_seq = rows.to(tl.int64) * (GATES * stride_b) + d * GATES * H

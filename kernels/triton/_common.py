@@ -52,6 +52,22 @@ def _block_rows(len_ptr, B, T, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
+def _state_layout(B, H, P, stride_t, stride_b, CELL: tl.constexpr):
+    """(K, out's stride_t, out's stride_b). For the LSTM h, out and W_hh's columns are K = P wide
+    (proj_size with W_hr, else H); everything else (the gates, c, proj, saved and the strides
+    passed: stride_t = B*D*H, stride_b = D*H) is H wide, as all of every other cell is."""
+    if CELL == "LSTM":
+        width = P
+        out_stride_b = stride_b // H * P
+        out_stride_t = B * out_stride_b
+    else:
+        width = H
+        out_stride_b = stride_b
+        out_stride_t = stride_t
+    return width, out_stride_t, out_stride_b
+
+
+@triton.jit
 def _prev_rows(s, L, d, h0_rows, out_rows, stride_t):
     # Row pointers to h_{s-1}, the state processing step s starts from: h0 at a sequence's first
     # step, else the output of the step before (t-1 forward, t+1 reversed). out_rows is at t = 0.

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ._cells import _elman_backward, _elman_forward, _gru_backward, _gru_forward, _lstm_backward, _lstm_forward
-from ._common import _block_rows, _mm, _prev_rows, _time_index, _zero_tail
+from ._common import _block_rows, _mm, _prev_rows, _state_layout, _time_index, _zero_tail
 
 
 @triton.jit
@@ -42,20 +42,9 @@ def _recurrence_fwd_kernel(
     rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
     cols = tl.arange(0, BLOCK_H)
     mask = row_ok[:, None] & (cols < H)[None, :]
-    if CELL == "LSTM":
-        # h, out and W_hh's columns are K = P wide (proj_size with W_hr, else H); the gates, c, proj,
-        # saved and the strides passed (stride_t = B*D*H, stride_b = D*H) are H wide.
-        K = P
-        cols_k = tl.arange(0, BLOCK_P)
-        mask_k = row_ok[:, None] & (cols_k < P)[None, :]
-        out_stride_b = stride_b // H * P
-        out_stride_t = B * out_stride_b
-    else:
-        K = H
-        cols_k = cols
-        mask_k = mask
-        out_stride_b = stride_b
-        out_stride_t = stride_t
+    K, out_stride_t, out_stride_b = _state_layout(B, H, P, stride_t, stride_b, CELL)
+    cols_k = tl.arange(0, BLOCK_P)  # BLOCK_P is BLOCK_H but for the LSTM with W_hr
+    mask_k = row_ok[:, None] & (cols_k < K)[None, :]
 
     # wt[k, j] = W_hh[d, j, k] (GRU: of the r gate, z and n following H*H apart; LSTM: of i, then
     # f, g, o H*P apart), so that h_proj = h @ wt. Padding is zero, keeping padded columns of h zero.
@@ -213,19 +202,9 @@ def _recurrence_bwd_kernel(
     rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
     cols = tl.arange(0, BLOCK_H)
     mask = row_ok[:, None] & (cols < H)[None, :]
-    if CELL == "LSTM":
-        # As in forward: dh, grad_out and W_hh's columns are K = P wide, the rest H wide.
-        K = P
-        cols_k = tl.arange(0, BLOCK_P)
-        mask_k = row_ok[:, None] & (cols_k < P)[None, :]
-        out_stride_b = stride_b // H * P
-        out_stride_t = B * out_stride_b
-    else:
-        K = H
-        cols_k = cols
-        mask_k = mask
-        out_stride_b = stride_b
-        out_stride_t = stride_t
+    K, out_stride_t, out_stride_b = _state_layout(B, H, P, stride_t, stride_b, CELL)
+    cols_k = tl.arange(0, BLOCK_P)  # BLOCK_P is BLOCK_H but for the LSTM with W_hr
+    mask_k = row_ok[:, None] & (cols_k < K)[None, :]
 
     # w[j, k] = W_hh[d, j, k] (GRU: r gate, z and n H*H apart; LSTM: i, then f, g, o H*P apart):
     # dh_prev = dz @ W_hh[d] (no transpose).

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ._cells import _elman_backward, _elman_forward, _gru_backward, _gru_forward, _lstm_backward, _lstm_forward
-from ._common import _block_rows, _mm, _prev_rows, _time_index, _zero_tail_tiled
+from ._common import _block_rows, _mm, _prev_rows, _state_layout, _time_index, _zero_tail_tiled
 
 
 @triton.jit
@@ -92,15 +92,7 @@ def _recurrence_fwd_tiled_kernel(
     tl.static_assert(CELL == "LSTM" or not PROJECT, "W_hr (PROJECT) is the LSTM's alone")
     d = tl.program_id(0)
     rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
-    if CELL == "LSTM":
-        # h, out and W_hh's columns are K = P wide, the rest H wide (see _recurrence_fwd_kernel).
-        K = P
-        out_stride_b = stride_b // H * P
-        out_stride_t = B * out_stride_b
-    else:
-        K = H
-        out_stride_b = stride_b
-        out_stride_t = stride_t
+    K, out_stride_t, out_stride_b = _state_layout(B, H, P, stride_t, stride_b, CELL)
     lo, hi_h, lo_k, hi_k = _program_columns(SLICE, SLICE_K, H, K)
     exchanges = 1 + PROJECT  # _step_syncs per step
     w_base = w_ptr + d * GATES * H * K
@@ -396,15 +388,7 @@ def _recurrence_bwd_tiled_kernel(
     tl.static_assert(CELL == "LSTM" or not PROJECT, "W_hr (PROJECT) is the LSTM's alone")
     d = tl.program_id(0)
     rows, row_ok, L, n_steps = _block_rows(len_ptr, B, T, BLOCK_B)
-    if CELL == "LSTM":
-        # dh, grad_out and W_hh's columns are K = P wide, the rest H wide (see _recurrence_fwd_kernel).
-        K = P
-        out_stride_b = stride_b // H * P
-        out_stride_t = B * out_stride_b
-    else:
-        K = H
-        out_stride_b = stride_b
-        out_stride_t = stride_t
+    K, out_stride_t, out_stride_b = _state_layout(B, H, P, stride_t, stride_b, CELL)
     lo, hi_h, lo_k, hi_k = _program_columns(SLICE, SLICE_K, H, K)
     exchanges = 1 + PROJECT  # _step_syncs per step
     w_base = w_ptr + d * GATES * H * K

@@ -236,8 +236,8 @@ def split_check() -> int:
     """The split kernels on the GPU, before anything else runs them: for each of
     :data:`SPLIT_CHECK_CASES` and dtype, the persistent kernel (one launch, a grid barrier per
     step), its per-step twin and one program per batch block on the same tiles must agree bit for
-    bit. Exit 1 on a
-    mismatch; a hang is the caller's timeout (gpu_check.sh then runs the rest per step)."""
+    bit. Exit 1 on a mismatch; a hang is the caller's timeout (gpu_check.sh then runs the rest per
+    step)."""
     R = _recurrence()
     failed = 0
     for mode, T, B, D, H, proj_size in SPLIT_CHECK_CASES:

@@ -23,12 +23,12 @@ mode string): Triton compiles one kernel per cell and drops the other cells' bra
   Holding it in registers or shared memory is the next step, once a GPU can time it.) Every step
   reads the whole previous state and writes only its columns, so the programs meet once per step.
   ``SPLIT`` picks how: "persistent" is one cooperative launch walking every step with a grid
-  barrier (``tiled._step_sync``); "per_step" is
-  its twin, one launch per step (the launch boundary is the barrier), which is also what the
-  interpreter can run with k > 1 (it runs programs one after another, so a spin barrier across
-  programs would never return there). Both run the same step code on the same tiles, so their
-  results agree bit for bit, with each other and with one program on the same tiles (one
-  program's default tiles are wider, which changes the order of the sums). An LSTM with W_hr has
+  barrier (``tiled._step_sync``); "per_step" is its twin, one launch per step (the launch
+  boundary is the barrier), which is also what the interpreter can run with k > 1 (it runs
+  programs one after another, so a spin barrier across programs would never return there). Both
+  run the same step code on the same tiles, so their results agree bit for bit, with each other
+  and with one program on the same tiles (one program's default tiles are wider, which changes
+  the order of the sums). An LSTM with W_hr has
   two exchanges per step (m_t's H columns before h_t = m_t @ W_hr^T's P columns; backward the
   other way round), so two barriers, or two launches per step.
 
@@ -220,9 +220,10 @@ def _launch_config(B, D, H, dtype, device, mode, allow_tf32=None, width=None, pr
     grid = (D, triton.cdiv(B, block_b))
     if onchip:
         return True, grid, dict(meta, BLOCK_P=block_p), None
-    split = _split_plan(B, D, H, width, block_b, TILE_N or SPLIT_TILE_N, device, project)
+    split_n = TILE_N or SPLIT_TILE_N  # the slices are multiples of it
+    split = _split_plan(B, D, H, width, block_b, split_n, device, project)
     if split.k > 1:
-        meta.update(BLOCK_N=TILE_N or SPLIT_TILE_N, BLOCK_K=TILE_K or SPLIT_TILE_K[GATES[mode]], num_warps=SPLIT_WARPS)
+        meta.update(BLOCK_N=split_n, BLOCK_K=TILE_K or SPLIT_TILE_K[GATES[mode]], num_warps=SPLIT_WARPS)
     meta["GRID_SYNC"] = split.grid_sync
     if split.grid_sync and split.k > 1 and device.type == "cuda":
         meta["launch_cooperative_grid"] = True  # the driver refuses a grid that cannot be co-resident

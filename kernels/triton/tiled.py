@@ -32,13 +32,13 @@ def _step_sync(sync_ptr, steps_done, GRID_SYNC: tl.constexpr):
     exchange). With it, the programs that split one (direction, batch block) into column slices
     (program_id 2) meet at a grid barrier: a counter per (direction, batch block) that only grows,
     so the n-th exchange of a launch waits for n arrivals of each program (``steps_done``) and
-    nothing is ever reset. The release
-    add (one thread: the atomic is scalar) publishes this CTA's stores, ordered before it by the
-    CTA barrier. The poll is relaxed; the one acquire after it orders the next step's loads after
-    the others' stores and invalidates this SM's L1 (ptxas: CCTL.IVALL), which is what keeps those
-    loads fresh (Triton's pipeliner turns some .cg loads into L1-cached cp.async). It must stay an
-    acquire: the GRU's state buffers are re-read at the same addresses every other step. The
-    launcher guarantees co-residency (a cooperative launch, grid at most the SM count).
+    nothing is ever reset. The release add (one thread: the atomic is scalar) publishes this CTA's
+    stores, ordered before it by the CTA barrier. The poll is relaxed; the one acquire after it
+    orders the next step's loads after the others' stores and invalidates this SM's L1 (ptxas:
+    CCTL.IVALL), which is what keeps those loads fresh (Triton's pipeliner turns some .cg loads
+    into L1-cached cp.async). It must stay an acquire: the GRU's state buffers are re-read at the
+    same addresses every other step. The launcher guarantees co-residency (a cooperative launch,
+    grid at most the SM count).
     """
     tl.debug_barrier()
     if GRID_SYNC:
